@@ -21,7 +21,7 @@ from pathlib import Path
 CACHE_ENV = "VLLM_SAFEINFER_CACHE"
 SMOLLM2 = "smollm2-135m-instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_BUILD_VERSION = "1"
+_BUILD_VERSION = "2"
 
 _CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -51,13 +51,16 @@ class TinySpec:
     num_kv_heads: int
     intermediate_size: int
     seed: int
+    # Multiplies the final norm: an expert whose logits are sharper than its random
+    # base's disagrees with it often enough for safety-guided decoding to show.
+    logit_scale: float = 1.0
 
 
 TINY_MODELS: dict[str, TinySpec] = {
     "tiny-llama": TinySpec("llama", 256, 4, 4, 2, 512, seed=0),
-    "tiny-llama-expert": TinySpec("llama", 128, 2, 2, 1, 256, seed=1),
+    "tiny-llama-expert": TinySpec("llama", 128, 2, 2, 1, 256, seed=1, logit_scale=6.0),
     "tiny-qwen2": TinySpec("qwen2", 256, 4, 4, 2, 512, seed=2),
-    "tiny-qwen2-expert": TinySpec("qwen2", 128, 2, 2, 1, 256, seed=3),
+    "tiny-qwen2-expert": TinySpec("qwen2", 128, 2, 2, 1, 256, seed=3, logit_scale=6.0),
 }
 MODEL_NAMES: tuple[str, ...] = (*TINY_MODELS, SMOLLM2)
 
@@ -154,6 +157,11 @@ def _build_tiny(name: str, out: Path) -> None:
         config = Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=False)
     torch.manual_seed(spec.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(spec.logit_scale)
+        # Padding rows of the output embedding get zero weights (logit 0), as in many
+        # real checkpoints; they exist so that masking them is exercised.
+        model.get_output_embeddings().weight[len(tokenizer):] = 0
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 

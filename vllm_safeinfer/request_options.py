@@ -1,0 +1,91 @@
+"""Per-request SafeInfer options: flat `safeinfer_*` keys of `SamplingParams.extra_args`
+(`extra_body={"vllm_xargs": {...}}` on the OpenAI server), validated against the server
+config and resolved into the settings one request runs with."""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from vllm_safeinfer.config import CONFIG_KEY, SafeInferConfig, check_gamma, check_lam
+from vllm_safeinfer.modes import Mode
+
+PREFIX = "safeinfer_"
+MODE_KEY = "safeinfer_mode"
+GAMMA_KEY = "safeinfer_gamma"
+VECTOR_KEY = "safeinfer_vector"
+LAM_KEY = "safeinfer_lam"
+REQUEST_KEYS = (MODE_KEY, GAMMA_KEY, VECTOR_KEY, LAM_KEY)
+
+
+@dataclass(frozen=True)
+class RequestSettings:
+    """What one request runs with. `gamma` None means the server's default (config, then
+    the vector file); `vector` is None unless the mode steers, `lam` unless it mixes."""
+
+    mode: Mode
+    vector: str | None = None
+    gamma: float | None = None
+    lam: float | None = None
+
+    def kv_key(self) -> str | None:
+        """Identity of the steering that shapes this request's KV cache (None when
+        unsteered): requests with different keys must never share prefix-cache blocks
+        from the first steered position on."""
+        if not self.mode.steers:
+            return None
+        gamma = "default" if self.gamma is None else repr(self.gamma)
+        return hashlib.sha256(f"{self.vector}|{gamma}".encode()).hexdigest()[:16]
+
+
+def resolve_request(extra_args: Mapping[str, Any] | None,
+                    config: SafeInferConfig | None) -> RequestSettings:
+    """Validate a request's `safeinfer_*` keys against the server config.
+
+    Raises ValueError (HTTP 400 on the server) naming the key at fault.
+    """
+    given = {k: v for k, v in (extra_args or {}).items() if k.startswith(PREFIX)}
+    unknown = sorted(set(given) - set(REQUEST_KEYS))
+    if unknown:
+        raise ValueError(f"unknown SafeInfer option(s) {unknown}; known: {list(REQUEST_KEYS)}")
+    if config is None:
+        if given:
+            raise ValueError(
+                f"SafeInfer option(s) {sorted(given)} sent, but SafeInfer is not configured "
+                f"on this server (additional_config[{CONFIG_KEY!r}])"
+            )
+        return RequestSettings(Mode.OFF)
+    if given and config.enforce:
+        raise ValueError(
+            f"this server enforces its SafeInfer configuration; remove {sorted(given)} "
+            "from the request"
+        )
+    mode = config.mode
+    if MODE_KEY in given:
+        try:
+            mode = Mode.parse(given[MODE_KEY])
+        except ValueError as exc:
+            raise ValueError(f"{MODE_KEY}: {exc}") from None
+    vector = given.get(VECTOR_KEY)
+    if vector is not None:
+        if not isinstance(vector, str) or vector not in config.vectors:
+            raise ValueError(
+                f"{VECTOR_KEY} {vector!r} is not a loaded vector; loaded: {sorted(config.vectors)}"
+            )
+    gamma = check_gamma(GAMMA_KEY, given[GAMMA_KEY]) if GAMMA_KEY in given else None
+    lam = check_lam(LAM_KEY, given[LAM_KEY]) if LAM_KEY in given else None
+    for key, needed, what in ((VECTOR_KEY, mode.steers, "steer"),
+                              (GAMMA_KEY, mode.steers, "steer"),
+                              (LAM_KEY, mode.mixes, "mix in the expert")):
+        if key in given and not needed:
+            raise ValueError(
+                f"{key} has no effect in mode {mode.value!r}, which does not {what}"
+            )
+    config.check_mode_supported(mode, MODE_KEY if MODE_KEY in given else f"{CONFIG_KEY}.mode",
+                                vector=vector)
+    if mode.mixes and lam is None:
+        lam = config.lam
+    if not mode.steers:
+        return RequestSettings(mode, lam=lam)
+    return RequestSettings(mode, vector=vector or config.default_vector, gamma=gamma, lam=lam)
