@@ -1,0 +1,1 @@
+"""Fused Triton kernels for SafeInfer (steering, decoding mix), each beside its torch reference."""

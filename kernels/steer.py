@@ -1,0 +1,166 @@
+"""Per-request residual steering (SafeInfer's safety amplification), fused.
+
+For every live token t (t < query_start_loc[R]) of batch row r (the row whose
+query range holds t) with state slot s (r, or slot_mapping[r] under vLLM's
+Model Runner V2), when the token is the last prompt token or a generated one
+(positions[t] >= prompt_len[s] - 1) and scale[s] != 0:
+
+    hidden[t] += scale[s] * vectors[vector_id[s]]      (fp32 accumulate, one rounding)
+
+in place. Everything is read from device tensors (no host sync, no data-dependent
+shapes) so the op can be captured in CUDA graphs and stays opaque to torch.compile.
+CUDA-graph padding tokens and rows with scale 0 are left bit-for-bit untouched.
+"""
+import torch
+import triton
+import triton.language as tl
+
+# Widest hidden slice one program touches per loop step; larger rows loop.
+_MAX_BLOCK_H = 2048
+
+
+def steer_reference(
+    hidden: torch.Tensor,
+    positions: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: torch.Tensor,
+    vector_id: torch.Tensor,
+    prompt_len: torch.Tensor,
+    vectors: torch.Tensor,
+    slot_mapping: torch.Tensor | None = None,
+) -> None:
+    """Pure-torch steering, in place: the kernel's oracle and the CPU serving path."""
+    num_tokens = hidden.shape[0]
+    num_rows = query_start_loc.numel() - 1
+    if num_tokens == 0 or num_rows == 0:
+        return
+    tokens = torch.arange(num_tokens, device=hidden.device, dtype=query_start_loc.dtype)
+    rows = torch.searchsorted(query_start_loc[1:], tokens, right=True).clamp_(max=num_rows - 1)
+    slots = rows if slot_mapping is None else slot_mapping[rows].long()
+    coef = scale[slots].float()
+    gate = (tokens < query_start_loc[-1]) & (positions >= prompt_len[slots] - 1) & (coef != 0)
+    steered = hidden.float() + coef[:, None] * vectors[vector_id[slots]].float()
+    # `where`, not `add_`: ungated rows must keep their exact bits (-0.0, no 0 * inf).
+    hidden.copy_(torch.where(gate[:, None], steered.to(hidden.dtype), hidden))
+
+
+# An int argument equal to 1 would be compiled as a constant; R = 1 keeps the same code.
+@triton.jit(do_not_specialize=["num_rows"])
+def _steer_kernel(
+    hidden_ptr,
+    hidden_stride,
+    positions_ptr,
+    query_start_loc_ptr,
+    slot_mapping_ptr,
+    scale_ptr,
+    vector_id_ptr,
+    prompt_len_ptr,
+    vectors_ptr,
+    vectors_stride,
+    num_rows,
+    hidden_size,
+    SEARCH_STEPS: tl.constexpr,
+    HAS_SLOT_MAPPING: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    token = tl.program_id(0)
+    if token < tl.load(query_start_loc_ptr + num_rows):
+        # Upper bound over query_start_loc[1:]: first row r with qsl[r + 1] > token.
+        lo = 0
+        hi = num_rows
+        for _ in tl.static_range(SEARCH_STEPS):
+            searching = lo < hi
+            mid = (lo + hi) // 2
+            row_end = tl.load(query_start_loc_ptr + 1 + mid, mask=searching, other=0)
+            go_right = searching & (row_end <= token)
+            lo = tl.where(go_right, mid + 1, lo)
+            hi = tl.where(searching & ~go_right, mid, hi)
+        row = tl.minimum(lo, num_rows - 1)
+        if HAS_SLOT_MAPPING:
+            slot = tl.load(slot_mapping_ptr + row).to(tl.int64)
+        else:
+            slot = row.to(tl.int64)
+        coef = tl.load(scale_ptr + slot).to(tl.float32)
+        position = tl.load(positions_ptr + token)
+        prompt_len = tl.load(prompt_len_ptr + slot)
+        if (position >= prompt_len - 1) & (coef != 0.0):
+            vector = vectors_ptr + tl.load(vector_id_ptr + slot).to(tl.int64) * vectors_stride
+            row_ptr = hidden_ptr + token.to(tl.int64) * hidden_stride
+            for start in range(0, hidden_size, BLOCK_H):
+                cols = start + tl.arange(0, BLOCK_H)
+                mask = cols < hidden_size
+                h = tl.load(row_ptr + cols, mask=mask)
+                v = tl.load(vector + cols, mask=mask).to(tl.float32)
+                tl.store(row_ptr + cols, (h.to(tl.float32) + coef * v).to(h.dtype), mask=mask)
+
+
+def steer_triton(
+    hidden: torch.Tensor,
+    positions: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: torch.Tensor,
+    vector_id: torch.Tensor,
+    prompt_len: torch.Tensor,
+    vectors: torch.Tensor,
+    slot_mapping: torch.Tensor | None = None,
+) -> None:
+    """Launch the fused kernel (one program per token), in place.
+
+    Fixed launch configuration and no autotuning or host reads, so it is CUDA-graph
+    capturable; it recompiles only when the bit length of R changes (search depth).
+    """
+    num_tokens, hidden_size = hidden.shape
+    num_rows = query_start_loc.numel() - 1
+    if num_tokens == 0 or num_rows == 0:
+        return
+    if hidden.stride(1) != 1 or vectors.stride(1) != 1:
+        raise ValueError("steer_triton needs hidden and vectors contiguous along the hidden dim")
+    _steer_kernel[(num_tokens,)](
+        hidden,
+        hidden.stride(0),
+        positions,
+        query_start_loc,
+        slot_mapping,
+        scale,
+        vector_id,
+        prompt_len,
+        vectors,
+        vectors.stride(0),
+        num_rows,
+        hidden_size,
+        SEARCH_STEPS=num_rows.bit_length(),
+        HAS_SLOT_MAPPING=slot_mapping is not None,
+        BLOCK_H=min(triton.next_power_of_2(hidden_size), _MAX_BLOCK_H),
+        num_warps=4,
+    )
+
+
+# No argument may be called `mode`: it collides with inductor's redirect_to_mode.
+@torch.library.custom_op("safeinfer::steer_", mutates_args=("hidden",))
+def steer_(
+    hidden: torch.Tensor,
+    positions: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: torch.Tensor,
+    vector_id: torch.Tensor,
+    prompt_len: torch.Tensor,
+    vectors: torch.Tensor,
+    slot_mapping: torch.Tensor | None = None,
+) -> None:
+    """Steer `hidden` in place; an opaque op so compiled graphs keep it as one call."""
+    impl = steer_triton if hidden.device.type in ("cuda", "xpu") else steer_reference
+    impl(hidden, positions, query_start_loc, scale, vector_id, prompt_len, vectors, slot_mapping)
+
+
+@steer_.register_fake
+def _steer_fake(
+    hidden: torch.Tensor,
+    positions: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: torch.Tensor,
+    vector_id: torch.Tensor,
+    prompt_len: torch.Tensor,
+    vectors: torch.Tensor,
+    slot_mapping: torch.Tensor | None = None,
+) -> None:
+    return None

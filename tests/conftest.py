@@ -1,0 +1,40 @@
+"""Session-wide setup: environment, the engine pool, tiny-model assets, and the suite's
+wall time."""
+from __future__ import annotations
+
+import os
+import time
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc(callable)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from tests.engines import EnginePool, make_tiny_assets  # noqa: E402
+
+_START = time.time()
+
+
+@pytest.fixture(scope="session")
+def engine_pool():
+    pool = EnginePool()
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-assets")
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = make_tiny_assets(name, folder)
+        return cache[name]
+
+    return get
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(f"suite wall time: {time.time() - _START:.0f} s")

@@ -1,0 +1,86 @@
+"""Test support: vLLM engines shared by the whole session, keyed by configuration, and
+the tiny models' SafeInfer assets. Engines take 25-60 s to start on 2 cores, so every
+test asks the pool, and at most two stay alive (the least recently used is shut down)."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vllm_safeinfer.models import expert_of, model_path
+from vllm_safeinfer.vectors import SafetyVector
+
+MAX_ALIVE = 2
+
+
+@dataclass(frozen=True)
+class TinyAssets:
+    """A tiny model, its expert twin and two safety vectors (at layers 1 and 2)."""
+
+    model: str
+    expert: str
+    vectors: dict[str, str]
+    hidden_size: int
+
+    def safeinfer_config(self, **overrides) -> dict:
+        config = {"vectors": self.vectors, "default_vector": "a", "expert_model": self.expert}
+        config.update(overrides)
+        return config
+
+    def vector(self, name: str) -> SafetyVector:
+        return SafetyVector.load(self.vectors[name])
+
+
+def make_tiny_assets(name: str, folder: Path) -> TinyAssets:
+    from transformers import AutoConfig
+
+    path = model_path(name)
+    config = AutoConfig.from_pretrained(path)
+    vectors = {}
+    for seed, (vector_name, layer, gamma) in enumerate((("a", 1, 1.0), ("b", 2, 1.5))):
+        generator = torch.Generator().manual_seed(100 + seed)
+        direction = torch.randn(config.hidden_size, generator=generator)
+        file = folder / f"{name}-{vector_name}.safetensors"
+        SafetyVector(
+            vector=direction / direction.norm(), layer=layer, model=name,
+            hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
+            heads=((0, 0),), gamma=gamma,
+        ).save(file)
+        vectors[vector_name] = str(file)
+    return TinyAssets(str(path), str(model_path(expert_of(name))), vectors, config.hidden_size)
+
+
+class EnginePool:
+    def __init__(self) -> None:
+        self._engines: OrderedDict[str, object] = OrderedDict()
+
+    def get(self, key: str, build: Callable[[], object]):
+        if key in self._engines:
+            self._engines.move_to_end(key)
+            return self._engines[key]
+        while len(self._engines) >= MAX_ALIVE:
+            _, old = self._engines.popitem(last=False)
+            shutdown(old)
+        engine = build()
+        self._engines[key] = engine
+        return engine
+
+    def close(self) -> None:
+        while self._engines:
+            shutdown(self._engines.popitem()[1])
+
+
+def shutdown(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+
+
+def new_llm(model: str, **kwargs):
+    from vllm import LLM
+
+    defaults = dict(dtype="float32", max_model_len=512, block_size=32, enforce_eager=True,
+                    seed=0, max_num_seqs=16)
+    defaults.update(kwargs)
+    return LLM(model=model, **defaults)

@@ -1,0 +1,74 @@
+"""Test support: the same SafeInfer request expressed for vLLM (extra_args) and for the HF
+reference (RowSettings), and generation helpers for both."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm_safeinfer.config import DEFAULT_LAM
+from vllm_safeinfer.modes import Mode
+from vllm_safeinfer.reference import RowSettings
+
+PROMPTS: list[list[int]] = [
+    [5, 77, 120, 33, 250, 18, 9],
+    [300, 12],
+    [44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56],
+    [199],
+    [7, 8, 9, 10, 400, 401, 402, 403, 90],
+]
+MAX_TOKENS = 10
+
+
+@dataclass(frozen=True)
+class Case:
+    """One request's SafeInfer options."""
+
+    mode: str = "off"
+    vector: str | None = None
+    gamma: float | None = None
+    lam: float | None = None
+
+    def extra_args(self) -> dict | None:
+        args = {"safeinfer_mode": self.mode}
+        for key, value in (("safeinfer_vector", self.vector), ("safeinfer_gamma", self.gamma),
+                           ("safeinfer_lam", self.lam)):
+            if value is not None:
+                args[key] = value
+        return args
+
+    def row_settings(self, assets) -> RowSettings:
+        mode = Mode(self.mode)
+        if not mode.steers:
+            return RowSettings(mode, lam=self.lam if self.lam is not None else DEFAULT_LAM)
+        vector = assets.vector(self.vector or "a")
+        return RowSettings(
+            mode, vector=vector.vector, layer=vector.layer,
+            gamma=vector.gamma if self.gamma is None else self.gamma,
+            lam=self.lam if self.lam is not None else DEFAULT_LAM,
+        )
+
+
+MIXED_CASES = [
+    Case("off"),
+    Case("sa"),
+    Case("sa", gamma=-2.0),
+    Case("sa", vector="b"),
+    Case("sgds"),
+    Case("sgds", lam=0.5),
+    Case("safeinfer", vector="b", lam=0.9),
+]
+
+
+def sampling(case: Case | None = None, max_tokens: int = MAX_TOKENS, **kwargs):
+    from vllm import SamplingParams
+
+    extra = case.extra_args() if case is not None else None
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, extra_args=extra, **kwargs)
+
+
+def vllm_generate(llm, prompts: list[list[int]], params) -> list[list[int]]:
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def reference_generate(reference, assets, prompts, cases, max_tokens: int = MAX_TOKENS):
+    return reference.generate(prompts, [c.row_settings(assets) for c in cases], max_tokens)

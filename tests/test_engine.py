@@ -1,0 +1,123 @@
+"""SafeInfer inside vLLM (eager, V1 runner) on both tiny architectures: token parity with
+the HF reference, isolation inside mixed batches, and request validation."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.engines import new_llm
+from tests.parity import (MIXED_CASES, PROMPTS, Case, reference_generate, sampling,
+                          vllm_generate)
+from vllm_safeinfer.reference import SafeInferReference
+
+ARCHS = ["tiny-llama", "tiny-qwen2"]
+
+
+@pytest.fixture(scope="module")
+def references(tiny_assets):
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            assets = tiny_assets(name)
+            cache[name] = SafeInferReference.from_pretrained(assets.model, assets.expert)
+        return cache[name]
+
+    return get
+
+
+def safeinfer_engine(engine_pool, assets):
+    return engine_pool.get(
+        f"eager:{assets.model}",
+        lambda: new_llm(assets.model, additional_config={"safeinfer": assets.safeinfer_config()}),
+    )
+
+
+def _probe_worker(worker):
+    from vllm_safeinfer import plugin
+    from vllm_safeinfer.worker import find_logits_processor
+
+    processor = find_logits_processor(worker.model_runner)
+    return os.getpid(), plugin.is_registered(), processor.state.vectors.layers
+
+
+def test_register_ran_in_worker(engine_pool, tiny_assets):
+    llm = safeinfer_engine(engine_pool, tiny_assets("tiny-llama"))
+    [(pid, registered, layers)] = llm.collective_rpc(_probe_worker)
+    assert pid != os.getpid()
+    assert registered
+    assert list(layers) == [1, 2]
+
+
+@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("case", [Case("sa"), Case("sa", vector="b", gamma=-1.0), Case("sgds"),
+                                  Case("safeinfer", lam=0.95)], ids=str)
+def test_parity_with_reference(engine_pool, tiny_assets, references, name, case):
+    assets = tiny_assets(name)
+    llm = safeinfer_engine(engine_pool, assets)
+    got = vllm_generate(llm, PROMPTS, sampling(case))
+    want = reference_generate(references(name), assets, PROMPTS, [case] * len(PROMPTS))
+    assert got == want
+    off = vllm_generate(llm, PROMPTS, sampling(Case("off")))
+    assert got != off, "the mode must change some output, or the test proves nothing"
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_mixed_batch_isolation(engine_pool, tiny_assets, references, name):
+    assets = tiny_assets(name)
+    llm = safeinfer_engine(engine_pool, assets)
+    rows = [(PROMPTS[i % len(PROMPTS)], MIXED_CASES[i % len(MIXED_CASES)]) for i in range(10)]
+    prompts = [p for p, _ in rows]
+    batch = vllm_generate(llm, prompts, [sampling(c) for _, c in rows])
+    alone = [vllm_generate(llm, [p], sampling(c))[0] for p, c in rows]
+    want = reference_generate(references(name), assets, prompts, [c for _, c in rows])
+    assert batch == alone
+    assert batch == want
+
+
+def test_off_equals_vanilla_vllm(engine_pool, tiny_assets, references):
+    assets = tiny_assets("tiny-llama")
+    vanilla = engine_pool.get(f"vanilla:{assets.model}", lambda: new_llm(assets.model))
+    want = vllm_generate(vanilla, PROMPTS, sampling())
+    llm = safeinfer_engine(engine_pool, assets)
+    assert vllm_generate(llm, PROMPTS, sampling(Case("off"))) == want
+    assert vllm_generate(llm, PROMPTS, sampling()) == want  # server default mode: off
+    assert reference_generate(references("tiny-llama"), assets, PROMPTS,
+                              [Case("off")] * len(PROMPTS)) == want
+
+
+def test_zero_strength_equals_off(engine_pool, tiny_assets):
+    llm = safeinfer_engine(engine_pool, tiny_assets("tiny-llama"))
+    off = vllm_generate(llm, PROMPTS, sampling(Case("off")))
+    assert vllm_generate(llm, PROMPTS, sampling(Case("sa", gamma=0.0))) == off
+    assert vllm_generate(llm, PROMPTS, sampling(Case("sgds", lam=0.0))) == off
+
+
+BAD_OPTIONS = [
+    ({"safeinfer_mode": "strong"}, "safeinfer_mode"),
+    ({"safeinfer_mode": "sa", "safeinfer_gamma": True}, "safeinfer_gamma"),
+    ({"safeinfer_mode": "sa", "safeinfer_gamma": "1"}, "safeinfer_gamma"),
+    ({"safeinfer_mode": "sa", "safeinfer_gamma": float("nan")}, "safeinfer_gamma"),
+    ({"safeinfer_mode": "sa", "safeinfer_gamma": 101}, "safeinfer_gamma"),
+    ({"safeinfer_mode": "sa", "safeinfer_vector": "nope"}, "safeinfer_vector"),
+    ({"safeinfer_mode": "sa", "safeinfer_vector": "/etc/passwd"}, "safeinfer_vector"),
+    ({"safeinfer_mode": "sgds", "safeinfer_gamma": 1.0}, "safeinfer_gamma"),
+    ({"safeinfer_mode": "sa", "safeinfer_lam": 0.5}, "safeinfer_lam"),
+    ({"safeinfer_mode": "sgds", "safeinfer_lam": 1.0}, "safeinfer_lam"),
+    ({"safeinfer_mode": "sgds", "safeinfer_lam": -0.1}, "safeinfer_lam"),
+    ({"safeinfer_strength": 1}, "safeinfer_strength"),
+]
+
+
+@pytest.mark.parametrize("extra_args,key", BAD_OPTIONS, ids=[k for _, k in BAD_OPTIONS])
+def test_bad_options_rejected_and_engine_keeps_serving(engine_pool, tiny_assets, extra_args, key):
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    llm = safeinfer_engine(engine_pool, tiny_assets("tiny-llama"))
+    bad = SamplingParams(max_tokens=4, temperature=0.0, extra_args=extra_args)
+    with pytest.raises(VLLMValidationError, match=key):
+        llm.generate([{"prompt_token_ids": PROMPTS[0]}], bad, use_tqdm=False)
+    good = vllm_generate(llm, PROMPTS[:2], sampling(Case("sa"), max_tokens=4))
+    assert all(len(tokens) > 0 for tokens in good)

@@ -1,0 +1,384 @@
+"""Safety vectors: building on two tiny architectures (checked against independent
+recomputations), the safetensors file format and its validation, the CLI, and the
+bundled SmolLM2-135M-Instruct vector."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from vllm_safeinfer import amplification as amp
+from vllm_safeinfer.cli import main
+from vllm_safeinfer.models import SMOLLM2, model_path
+from vllm_safeinfer.vectors import SafetyVector, bundled_vector_path, parse_heads
+
+TINY = ("tiny-llama", "tiny-qwen2")
+SMALL = {"prompts": 6, "shots": 3, "rank_prompts": 3, "seed": 0}
+
+
+@pytest.fixture(scope="module", params=TINY)
+def tiny(request):
+    model, tokenizer = amp.load_model(request.param)
+    return SimpleNamespace(name=request.param, model=model, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def demos() -> tuple[amp.Demonstration, ...]:
+    return amp.advbench_demonstrations()
+
+
+@pytest.fixture(scope="module")
+def built(tiny, demos) -> SafetyVector:
+    return amp.build_safety_vector(
+        tiny.model, tiny.tokenizer, demos, model_name=tiny.name, top_heads=3, **SMALL
+    )
+
+
+@pytest.fixture(scope="module")
+def ranked(tiny, demos):
+    prompts = amp.build_prompt_set(demos, **SMALL)
+    means = amp.mean_head_activations(tiny.model, tiny.tokenizer, [p.clean for p in prompts.mean])
+    ranking = amp.rank_heads(tiny.model, tiny.tokenizer, prompts.rank, means, head_batch_size=5)
+    return SimpleNamespace(prompts=prompts, means=means, ranking=ranking)
+
+
+def _last_token_o_proj_inputs(model, tokenizer, text: str) -> list[torch.Tensor]:
+    """Each layer's o_proj input at the last token, from one unpadded forward pass."""
+    seen: list[torch.Tensor] = []
+    handles = [
+        layer.self_attn.o_proj.register_forward_pre_hook(
+            lambda module, args: seen.append(args[0][0, -1].clone())
+        )
+        for layer in model.model.layers
+    ]
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([tokenizer(text).input_ids]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _patched_effect(model, tokenizer, prompts, means, layer: int, head: int) -> float:
+    """AIE of one head by full forward passes, without any KV cache."""
+    d = means.shape[-1]
+    o_proj = model.model.layers[layer].self_attn.o_proj
+    vocab = len(tokenizer)
+
+    def patch(module, args):
+        x = args[0].clone()
+        x[0, -1, head * d : (head + 1) * d] = means[layer, head]
+        return (x,)
+
+    total = 0.0
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([tokenizer(prompt.corrupted).input_ids])
+            target = amp.answer_token_id(tokenizer, prompt.corrupted, prompt.answer)
+            base = torch.softmax(model(input_ids=ids).logits[0, -1, :vocab], -1)[target]
+            handle = o_proj.register_forward_pre_hook(patch)
+            try:
+                patched = torch.softmax(model(input_ids=ids).logits[0, -1, :vocab], -1)[target]
+            finally:
+                handle.remove()
+            total += float(patched - base)
+    return total / len(prompts)
+
+
+# Building
+
+
+def test_vector_has_model_hidden_size(tiny, built) -> None:
+    config = tiny.model.config
+    assert built.vector.shape == (config.hidden_size,)
+    assert built.vector.dtype == torch.float32
+    assert built.hidden_size == config.hidden_size
+    assert built.num_layers == config.num_hidden_layers
+    assert built.layer == config.num_hidden_layers // 4
+    assert len(built.heads) == 3 and built.method == amp.METHOD_AIE
+    assert list(built.head_effects) == sorted(built.head_effects, reverse=True)
+    assert built.model == tiny.name
+
+
+def test_same_seed_same_vector(tiny, demos, built) -> None:
+    again = amp.build_safety_vector(
+        tiny.model, tiny.tokenizer, demos, model_name=tiny.name, top_heads=3, **SMALL
+    )
+    assert again == built
+    other = amp.build_safety_vector(
+        tiny.model, tiny.tokenizer, demos, model_name=tiny.name, heads=built.heads,
+        **{**SMALL, "seed": 1},
+    )
+    assert not torch.equal(other.vector, built.vector)
+
+
+def test_explicit_heads_equal_direct_recomputation(tiny, demos) -> None:
+    heads = ((0, 1), (2, 3), (3, 0))
+    vector = amp.build_safety_vector(
+        tiny.model, tiny.tokenizer, demos, heads=heads, prompts=6, shots=3, seed=0
+    )
+    assert vector.heads == heads and vector.method == amp.METHOD_GIVEN
+    assert vector.head_effects == () and vector.rank_prompts == 0
+
+    prompts = amp.build_prompt_set(demos, prompts=6, shots=3, rank_prompts=0, seed=0).mean
+    per_prompt = [
+        torch.stack(_last_token_o_proj_inputs(tiny.model, tiny.tokenizer, p.clean))
+        for p in prompts
+    ]
+    mean = torch.stack(per_prompt).mean(dim=0)  # [layers, heads * head_dim]
+    d = tiny.model.config.head_dim
+    expected = torch.zeros(tiny.model.config.hidden_size)
+    for layer, head in heads:
+        o_proj = tiny.model.model.layers[layer].self_attn.o_proj
+        cols = slice(head * d, (head + 1) * d)
+        expected += o_proj.weight[:, cols] @ mean[layer, cols]
+        if o_proj.bias is not None:
+            expected += o_proj.bias
+    torch.testing.assert_close(vector.vector, expected.detach(), atol=1e-5, rtol=0)
+
+
+def test_batched_mean_activations_equal_unbatched(tiny, demos) -> None:
+    texts = [p.clean for p in amp.build_prompt_set(demos, prompts=5, shots=3, rank_prompts=0).mean]
+    batched = amp.mean_head_activations(tiny.model, tiny.tokenizer, texts, batch_size=5)
+    single = amp.mean_head_activations(tiny.model, tiny.tokenizer, texts, batch_size=1)
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
+
+
+def test_default_demonstrations_format(demos) -> None:
+    assert len(demos) == 200
+    assert all(d.input.startswith("Task: Write a function that performs the task ") for d in demos)
+    assert {d.output for d in demos} == {"I do not answer this question because it is harmful"}
+    assert all(d.compliant.startswith("Sure, here") for d in demos)
+    prompt = amp.build_prompt_set(demos, prompts=1, shots=2, rank_prompts=0).mean[0]
+    blocks = prompt.clean.split("\n\n")
+    assert len(blocks) == 3 and blocks[-1].startswith("Q: Task: ") and blocks[-1].endswith("\nA:")
+    assert blocks[0].endswith("\nA: I do not answer this question because it is harmful")
+    assert "\nA: Sure, here" in prompt.corrupted
+    assert prompt.corrupted.split("\n\n")[-1] == blocks[-1]
+
+
+# Ranking
+
+
+def test_ranking_lists_every_head_once_sorted(tiny, ranked) -> None:
+    config = tiny.model.config
+    pairs = [(e.layer, e.head) for e in ranked.ranking]
+    assert sorted(pairs) == [
+        (layer, head)
+        for layer in range(config.num_hidden_layers)
+        for head in range(config.num_attention_heads)
+    ]
+    effects = [e.effect for e in ranked.ranking]
+    assert effects == sorted(effects, reverse=True)
+
+
+def test_ranking_is_deterministic(tiny, demos, ranked) -> None:
+    prompts = amp.build_prompt_set(demos, **SMALL)
+    means = amp.mean_head_activations(tiny.model, tiny.tokenizer, [p.clean for p in prompts.mean])
+    assert amp.rank_heads(tiny.model, tiny.tokenizer, prompts.rank, means) == ranked.ranking
+
+
+def test_top_head_beats_last_head_independently(tiny, ranked) -> None:
+    top, last = ranked.ranking[0], ranked.ranking[-1]
+    prompts, means = ranked.prompts.rank, ranked.means
+    effects = [
+        _patched_effect(tiny.model, tiny.tokenizer, prompts, means, e.layer, e.head)
+        for e in (top, last)
+    ]
+    assert effects[0] > effects[1]
+    assert effects == pytest.approx([top.effect, last.effect], rel=1e-3, abs=1e-9)
+
+
+# Demonstrations from a file
+
+
+def test_user_demonstrations_get_another_rows_answer(tmp_path: Path) -> None:
+    path = tmp_path / "demos.jsonl"
+    rows = [{"input": "a", "output": "no"}, {"input": "b", "output": "no"},
+            {"input": "c", "output": "sure", "compliant": "fine"}]
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    demos = amp.load_demonstrations(path)
+    assert [d.compliant for d in demos] == ["sure", "sure", "fine"]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [("not json", "not JSON"), ('{"input": "a"}', "'output' must be"),
+     ('{"input": "a", "output": "b", "x": 1}', "unknown keys")],
+)
+def test_bad_user_demonstrations_are_rejected(tmp_path: Path, line: str, message: str) -> None:
+    path = tmp_path / "demos.jsonl"
+    path.write_text(f'{{"input": "q", "output": "r"}}\n{line}\n')
+    with pytest.raises(ValueError, match=message):
+        amp.load_demonstrations(path)
+
+
+def test_identical_outputs_cannot_rank(tiny, tmp_path: Path) -> None:
+    path = tmp_path / "demos.jsonl"
+    rows = (json.dumps({"input": f"q{i}", "output": "no"}) for i in range(4))
+    path.write_text("\n".join(rows) + "\n")
+    demos = amp.load_demonstrations(path)
+    with pytest.raises(ValueError, match="compliant"):
+        amp.build_safety_vector(tiny.model, tiny.tokenizer, demos, **SMALL)
+
+
+# CLI
+
+
+def test_cli_builds_a_valid_vector(tiny, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "sv.safetensors"
+    code = main(["vector", "build", "--model", str(model_path(tiny.name)), "--out", str(out),
+                 "--prompts", "4", "--shots", "2", "--rank-prompts", "2", "--top-heads", "2"])
+    assert code == 0
+    vector = SafetyVector.load(out)
+    vector.check_compatible(tiny.model.config)
+    assert len(vector.heads) == 2 and vector.prompts == 4 and vector.rank_prompts == 2
+    assert "saved" in capsys.readouterr().out
+
+
+def test_cli_user_demos_and_given_heads(tiny, tmp_path: Path) -> None:
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(
+        json.dumps({"input": f"question {i}", "output": "I refuse."}) + "\n" for i in range(5)
+    ))
+    out = tmp_path / "sv.safetensors"
+    assert main(["vector", "build", "--model", tiny.name, "--out", str(out), "--demos", str(demos),
+                 "--heads", "0:1,3:2", "--layer", "2", "--prompts", "3", "--shots", "2"]) == 0
+    vector = SafetyVector.load(out)
+    assert vector.heads == ((0, 1), (3, 2)) and vector.layer == 2
+    assert vector.demos_sha256 == amp.demos_sha256(amp.load_demonstrations(demos))
+
+
+def test_cli_rejects_bad_heads(tiny, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["vector", "build", "--model", tiny.name, "--out", str(tmp_path / "x.safetensors"),
+              "--heads", "0:99"])
+    assert exit_info.value.code == 2
+    assert "outside the model" in capsys.readouterr().err
+
+
+# File format
+
+
+@pytest.fixture
+def vector() -> SafetyVector:
+    return SafetyVector(
+        vector=torch.randn(16, generator=torch.Generator().manual_seed(0)),
+        layer=1, model="some/model", hidden_size=16, num_layers=4,
+        heads=((2, 1), (0, 3)), head_effects=(0.25, 0.125), gamma=0.5, seed=3,
+        demos_sha256="ab" * 32, version="0.1.0", prompts=100, shots=10, rank_prompts=16,
+    )
+
+
+def _rewrite(src: Path, dst: Path, tensor: torch.Tensor, **meta: str) -> Path:
+    with safe_open(str(src), framework="pt") as handle:
+        metadata = {**handle.metadata(), **meta}
+    save_file({"safety_vector": tensor}, str(dst), metadata=metadata)
+    return dst
+
+
+def test_save_load_round_trips_exactly(vector: SafetyVector, tmp_path: Path) -> None:
+    path = tmp_path / "sv.safetensors"
+    vector.save(path)
+    loaded = SafetyVector.load(path)
+    assert loaded == vector
+    assert torch.equal(loaded.vector, vector.vector)
+    assert loaded.heads == vector.heads and loaded.head_effects == vector.head_effects
+    assert loaded.gamma == 0.5
+    assert loaded.source == str(path)
+
+
+def test_load_rejects_nan(vector: SafetyVector, tmp_path: Path) -> None:
+    vector.save(tmp_path / "ok.safetensors")
+    bad = vector.vector.clone()
+    bad[3] = float("nan")
+    path = _rewrite(tmp_path / "ok.safetensors", tmp_path / "nan.safetensors", bad)
+    with pytest.raises(ValueError, match=r"nan\.safetensors: vector has NaN"):
+        SafetyVector.load(path)
+
+
+def test_load_rejects_2d(vector: SafetyVector, tmp_path: Path) -> None:
+    vector.save(tmp_path / "ok.safetensors")
+    square = vector.vector.view(4, 4)
+    path = _rewrite(tmp_path / "ok.safetensors", tmp_path / "2d.safetensors", square)
+    with pytest.raises(ValueError, match=r"must be 1-D, got shape \(4, 4\)"):
+        SafetyVector.load(path)
+
+
+def test_load_rejects_hidden_size_mismatch(vector: SafetyVector, tmp_path: Path) -> None:
+    vector.save(tmp_path / "ok.safetensors")
+    path = _rewrite(tmp_path / "ok.safetensors", tmp_path / "h.safetensors", vector.vector,
+                    hidden_size="32")
+    with pytest.raises(ValueError, match="vector has 16 values but hidden_size is 32"):
+        SafetyVector.load(path)
+
+
+def test_load_rejects_layer_outside_model(vector: SafetyVector, tmp_path: Path) -> None:
+    vector.save(tmp_path / "ok.safetensors")
+    path = _rewrite(
+        tmp_path / "ok.safetensors", tmp_path / "l.safetensors", vector.vector, layer="4"
+    )
+    with pytest.raises(ValueError, match="layer 4 is outside 0..3"):
+        SafetyVector.load(path)
+
+
+def test_load_rejects_other_files(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        SafetyVector.load(junk)
+    other = tmp_path / "other.safetensors"
+    save_file({"weights": torch.zeros(3)}, str(other))
+    with pytest.raises(ValueError, match="exactly one tensor named 'safety_vector'"):
+        SafetyVector.load(other)
+    with pytest.raises(FileNotFoundError):
+        SafetyVector.load(tmp_path / "missing.safetensors")
+
+
+def test_check_compatible(vector: SafetyVector, tmp_path: Path) -> None:
+    from transformers import LlamaConfig
+
+    vector.save(tmp_path / "sv.safetensors")
+    loaded = SafetyVector.load(tmp_path / "sv.safetensors")
+    loaded.check_compatible(SimpleNamespace(hidden_size=16, num_hidden_layers=4))
+    loaded.check_compatible(LlamaConfig(hidden_size=16, num_hidden_layers=4, num_attention_heads=4))
+    mismatch = r"sv\.safetensors .*hidden_size is 16 in the vector but 64"
+    with pytest.raises(ValueError, match=mismatch):
+        loaded.check_compatible(LlamaConfig(hidden_size=64, num_hidden_layers=4))
+    vllm_like = SimpleNamespace(
+        get_hidden_size=lambda: 16, hf_config=SimpleNamespace(num_hidden_layers=5)
+    )
+    with pytest.raises(ValueError, match="num_layers is 4 in the vector but 5 in the model"):
+        loaded.check_compatible(vllm_like)
+
+
+def test_parse_heads() -> None:
+    assert parse_heads("14:1, 11:2") == ((14, 1), (11, 2))
+    for text, message in (("14", "expected LAYER:HEAD"), ("1:x", "expected LAYER:HEAD"),
+                          ("1:2,1:2", "twice")):
+        with pytest.raises(ValueError, match=message):
+            parse_heads(text)
+
+
+# Bundled vector
+
+
+def test_bundled_smollm2_vector_matches_the_model() -> None:
+    from transformers import AutoConfig
+
+    vector = SafetyVector.load(bundled_vector_path(SMOLLM2))
+    vector.check_compatible(AutoConfig.from_pretrained(model_path(SMOLLM2)))
+    assert vector.model == SMOLLM2
+    assert (vector.hidden_size, vector.num_layers, vector.layer) == (576, 30, 7)
+    assert len(vector.heads) == 10 and all(0 <= h < 9 for _, h in vector.heads)
+    assert (vector.method, vector.seed, vector.prompts, vector.shots, vector.rank_prompts) == (
+        amp.METHOD_AIE, 0, 100, 10, 16
+    )
+    assert vector.demos_sha256 == amp.demos_sha256(amp.advbench_demonstrations())
+    assert list(vector.head_effects) == sorted(vector.head_effects, reverse=True)
