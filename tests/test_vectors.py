@@ -181,7 +181,8 @@ def test_ranking_lists_every_head_once_sorted(tiny, ranked) -> None:
 def test_ranking_is_deterministic(tiny, demos, ranked) -> None:
     prompts = amp.build_prompt_set(demos, **SMALL)
     means = amp.mean_head_activations(tiny.model, tiny.tokenizer, [p.clean for p in prompts.mean])
-    assert amp.rank_heads(tiny.model, tiny.tokenizer, prompts.rank, means) == ranked.ranking
+    again = amp.rank_heads(tiny.model, tiny.tokenizer, prompts.rank, means, head_batch_size=5)
+    assert again == ranked.ranking
 
 
 def test_top_head_beats_last_head_independently(tiny, ranked) -> None:

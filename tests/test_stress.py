@@ -1,0 +1,143 @@
+"""One "stress" engine per tiny model: prefix caching on, a small token budget per step
+(chunked prefill) and a capped KV cache (preemption and recompute), so that scheduling
+never changes what SafeInfer computes: every output still equals the HF reference."""
+from __future__ import annotations
+
+import pytest
+
+from tests.engines import new_llm
+from tests.parity import MIXED_CASES, Case, reference_generate, sampling, vllm_generate
+from vllm_safeinfer.reference import SafeInferReference
+
+ARCHS = ["tiny-llama", "tiny-qwen2"]
+BLOCKS = 16  # x 32 tokens: room for 3 of the long prompts below, not for their outputs
+LONG_TOKENS = 24
+
+
+def long_prompt(seed: int, length: int) -> list[int]:
+    return [(seed * 7919 + i * 104729) % 480 + 10 for i in range(length)]
+
+
+@pytest.fixture(scope="module")
+def references(tiny_assets):
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            assets = tiny_assets(name)
+            cache[name] = SafeInferReference.from_pretrained(assets.model, assets.expert)
+        return cache[name]
+
+    return get
+
+
+def stress_engine(engine_pool, assets):
+    return engine_pool.get(
+        f"stress:{assets.model}",
+        lambda: new_llm(
+            assets.model,
+            additional_config={"safeinfer": assets.safeinfer_config()},
+            enable_prefix_caching=True,
+            max_num_batched_tokens=64,
+            num_gpu_blocks_override=BLOCKS,
+            max_model_len=256,
+            disable_log_stats=False,
+        ),
+    )
+
+
+def preemptions(llm) -> float:
+    return sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_chunked_prefill_and_preemption_stay_exact(engine_pool, tiny_assets, references, name):
+    assets = tiny_assets(name)
+    llm = stress_engine(engine_pool, assets)
+    rows = [(long_prompt(i, 130 + 9 * i), MIXED_CASES[i % len(MIXED_CASES)]) for i in range(8)]
+    prompts = [p for p, _ in rows]
+    before = preemptions(llm)
+    got = vllm_generate(llm, prompts, [sampling(c, max_tokens=LONG_TOKENS, ignore_eos=True)
+                                       for _, c in rows])
+    assert preemptions(llm) > before, "the capped cache must force preemption"
+    reference = references(name)
+    want = [reference.generate([p], [c.row_settings(assets)], LONG_TOKENS, ignore_eos=True)[0]
+            for p, c in rows]
+    assert got == want
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_prefix_caching_with_mixed_steering(engine_pool, tiny_assets, references, name):
+    assets = tiny_assets(name)
+    llm = stress_engine(engine_pool, assets)
+    shared = long_prompt(99, 70)
+    cases = [Case("off"), Case("sa"), Case("sa", gamma=-2.0), Case("sgds"), Case("safeinfer")]
+    prompts = [shared + [20 + i] for i in range(len(cases))]
+    first = vllm_generate(llm, prompts, [sampling(c) for c in cases])
+    again = vllm_generate(llm, prompts[::-1], [sampling(c) for c in cases[::-1]])[::-1]
+    want = reference_generate(references(name), assets, prompts, cases)
+    assert first == want
+    assert again == want
+    # A steered conversation's next turn repeats the first turn's steered tokens as its
+    # prompt: those blocks must not be reused, and the shared prefix still may be.
+    turn1 = vllm_generate(llm, [shared], sampling(Case("sa"), max_tokens=40, ignore_eos=True))[0]
+    turn2_prompt = shared + turn1 + [30, 31, 32]
+    turn2 = vllm_generate(llm, [turn2_prompt], sampling(Case("sa")))[0]
+    want2 = reference_generate(references(name), assets, [turn2_prompt], [Case("sa")])[0]
+    assert turn2 == want2
+
+
+def test_abort_leaves_other_requests_exact(engine_pool, tiny_assets, references):
+    assets = tiny_assets("tiny-llama")
+    llm = stress_engine(engine_pool, assets)
+    engine = llm.llm_engine
+    rows = [(long_prompt(50 + i, 90 + 20 * i), MIXED_CASES[(i + 1) % len(MIXED_CASES)])
+            for i in range(5)]
+    for i, (prompt, case) in enumerate(rows):
+        engine.add_request(f"abort-{i}", {"prompt_token_ids": prompt},
+                           sampling(case, max_tokens=LONG_TOKENS, ignore_eos=True))
+    finished: dict[str, list[int]] = {}
+    for step in range(1000):
+        if step == 6:
+            engine.abort_request(["abort-1", "abort-3"])
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = list(output.outputs[0].token_ids)
+        if not engine.has_unfinished_requests():
+            break
+    kept = [0, 2, 4]
+    assert sorted(finished) == [f"abort-{i}" for i in kept] or all(
+        len(finished.get(f"abort-{i}", ())) < LONG_TOKENS for i in (1, 3))
+    reference = references("tiny-llama")
+    for i in kept:
+        prompt, case = rows[i]
+        want = reference.generate([prompt], [case.row_settings(assets)], LONG_TOKENS,
+                                  ignore_eos=True)[0]
+        assert finished[f"abort-{i}"] == want
+
+
+def test_n_greater_than_one_and_seeded_sampling(engine_pool, tiny_assets, references):
+    from vllm import SamplingParams
+
+    assets = tiny_assets("tiny-llama")
+    llm = stress_engine(engine_pool, assets)
+    prompt = long_prompt(7, 40)
+    case = Case("safeinfer", lam=0.9)
+    # n > 1 needs sampling; top_k=1 makes every sample the mixed distribution's argmax.
+    params = SamplingParams(max_tokens=10, temperature=1.0, top_k=1, n=3,
+                            extra_args=case.extra_args())
+    outputs = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs
+    want = reference_generate(references("tiny-llama"), assets, [prompt], [case])[0]
+    assert [list(o.token_ids) for o in outputs] == [want] * 3
+
+    def seeded(seed, extra_prompts=0):
+        sp = SamplingParams(max_tokens=16, temperature=1.0, seed=seed, extra_args=case.extra_args())
+        filler = [SamplingParams(max_tokens=16, temperature=1.0, extra_args={"safeinfer_mode": "sa"})]
+        prompts = [prompt] + [long_prompt(i, 30) for i in range(extra_prompts)]
+        params = [sp] + filler * extra_prompts
+        return vllm_generate(llm, prompts, params)[0]
+
+    alone = seeded(11)
+    assert seeded(11) == alone
+    assert seeded(11, extra_prompts=3) == alone
+    assert seeded(12) != alone
