@@ -1,0 +1,50 @@
+"""Start-up refuses what it cannot serve, with a message that names the problem, before
+any engine process starts."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.engines import new_llm
+from vllm_safeinfer.models import model_path
+
+
+def test_expert_with_another_vocabulary_is_refused(tiny_assets, tmp_path):
+    from transformers import AutoTokenizer
+
+    assets = tiny_assets("tiny-llama")
+    # The same weights with one token renamed: same size, other vocabulary.
+    expert = tmp_path / "other-vocab-expert"
+    tokenizer = AutoTokenizer.from_pretrained(assets.expert)
+    tokenizer.add_tokens(["<|other|>"])
+    shutil.copytree(assets.expert, expert)
+    tokenizer.save_pretrained(expert)
+    with pytest.raises(ValueError, match="another vocabulary"):
+        new_llm(assets.model, additional_config={"safeinfer": {"expert_model": str(expert)}})
+
+
+def test_vector_for_another_model_is_refused(tiny_assets):
+    llama = tiny_assets("tiny-llama")
+    with pytest.raises(ValueError, match=r"tiny-llama-a\.safetensors.*(hidden_size|num_layers)"):
+        new_llm(str(model_path("smollm2-135m-instruct")),
+                additional_config={"safeinfer": {"vector": llama.vectors["a"]}})
+
+
+def test_layer_outside_the_model_is_refused(tiny_assets):
+    assets = tiny_assets("tiny-llama")
+    with pytest.raises(ValueError, match="layer 9 is outside"):
+        new_llm(assets.model, additional_config={"safeinfer": {"vector": assets.vectors["a"],
+                                                               "layer": 9}})
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"mode": "sgds"}, "needs an expert model"),
+    ({"mode": "sa"}, "needs a safety vector"),
+    ({"gamma": "high"}, "safeinfer.gamma must be a number"),
+    ({"colour": "red"}, "unknown safeinfer config key"),
+    ({"vector": "/nonexistent.safetensors"}, "does not exist"),
+])
+def test_bad_server_config_is_refused(tiny_assets, config, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        new_llm(tiny_assets("tiny-llama").model, additional_config={"safeinfer": config})
