@@ -1,0 +1,128 @@
+"""The config loader, per-request options and their resolution (no engine needed)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from tests.engines import TinyAssets
+from vllm_safeinfer import frontend
+from vllm_safeinfer.batch_state import BatchState, VectorTable
+from vllm_safeinfer.config import SafeInferConfig
+from vllm_safeinfer.modes import Mode
+from vllm_safeinfer.request_options import RequestSettings, resolve_request
+from vllm_safeinfer.serve import add_arguments, safeinfer_dict, vllm_command
+
+
+class _ModelConfig:
+    """The two vLLM ModelConfig members the vector table reads."""
+
+    def __init__(self, hidden: int, layers: int) -> None:
+        self.hf_config = argparse.Namespace(hidden_size=hidden, num_hidden_layers=layers)
+
+    def get_hidden_size(self) -> int:
+        return self.hf_config.hidden_size
+
+
+@pytest.fixture()
+def assets(tiny_assets) -> TinyAssets:
+    return tiny_assets("tiny-llama")
+
+
+def test_round_trip_and_defaults(assets):
+    config = SafeInferConfig.from_dict(assets.safeinfer_config(mode="safeinfer", lam=0.9))
+    assert SafeInferConfig.from_dict(config.to_dict()) == config
+    assert config.default_vector == "a" and config.mode is Mode.SAFEINFER
+    single = SafeInferConfig.from_dict({"vector": assets.vectors["a"]})
+    assert single.vectors == {"default": assets.vectors["a"]} and single.default_vector == "default"
+    assert SafeInferConfig.from_additional_config({"other": 1}) is None
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"vector": 3}, "safeinfer.vector must be a file path"),
+    ({"vectors": {"a": "x"}, "default_vector": "b"}, "default_vector 'b' is not among"),
+    ({"vector": "x", "vectors": {"default": "y"}}, "already defines"),
+    ({"layer": -1}, "safeinfer.layer"),
+    ({"layer": True}, "safeinfer.layer"),
+    ({"gamma": float("inf")}, "finite"),
+    ({"lam": 1.0}, r"safeinfer.lam must be in \[0, 1\)"),
+    ({"enforce": "yes"}, "safeinfer.enforce"),
+    ({"mode": "safe"}, "mode must be one of"),
+    ({"vectors": {"a": "x", "b": "y"}, "mode": "sa"}, "no default is configured"),
+])
+def test_bad_config(raw, message):
+    with pytest.raises(ValueError, match=message):
+        SafeInferConfig.from_dict(raw)
+
+
+def test_resolution_and_kv_key(assets):
+    config = SafeInferConfig.from_dict(assets.safeinfer_config(mode="sa"))
+    assert resolve_request(None, config) == RequestSettings(Mode.SA, vector="a")
+    assert resolve_request({"safeinfer_mode": "sgds"}, config) == RequestSettings(Mode.SGDS, lam=0.99)
+    explicit = resolve_request({"safeinfer_gamma": 2, "safeinfer_vector": "b"}, config)
+    assert explicit == RequestSettings(Mode.SA, vector="b", gamma=2.0)
+    assert resolve_request({"safeinfer_mode": "off"}, config).kv_key() is None
+    keys = {resolve_request(args, config).kv_key() for args in
+            (None, {"safeinfer_gamma": 2}, {"safeinfer_vector": "b"}, {"safeinfer_mode": "sgds"})}
+    assert len(keys) == 4  # three steerings + None
+
+
+def test_enforce_refuses_any_option_through_validate_params(assets):
+    from vllm import SamplingParams
+
+    from vllm_safeinfer.logits_processor import SafeInferLogitsProcessor
+
+    config = SafeInferConfig.from_dict(assets.safeinfer_config(mode="safeinfer", enforce=True))
+    token = frontend._validating.set(config)
+    try:
+        SafeInferLogitsProcessor.validate_params(SamplingParams())
+        with pytest.raises(ValueError, match="enforces its SafeInfer configuration"):
+            SafeInferLogitsProcessor.validate_params(
+                SamplingParams(extra_args={"safeinfer_mode": "safeinfer"}))
+    finally:
+        frontend._validating.reset(token)
+    with pytest.raises(ValueError, match="not configured on this server"):
+        SafeInferLogitsProcessor.validate_params(SamplingParams(extra_args={"safeinfer_mode": "sa"}))
+
+
+def test_gamma_precedence_request_then_config_then_file(assets):
+    model_config = _ModelConfig(assets.hidden_size, 4)
+    from_file = VectorTable(SafeInferConfig.from_dict(assets.safeinfer_config()), model_config)
+    assert from_file.entries["a"].gamma == 1.0 and from_file.entries["b"].gamma == 1.5
+    from_config = VectorTable(SafeInferConfig.from_dict(assets.safeinfer_config(gamma=3.0, layer=3)),
+                              model_config)
+    assert {e.gamma for e in from_config.entries.values()} == {3.0}
+    assert from_config.layers == (3,)
+    state = BatchState(from_file, max_rows=4, device=torch.device("cpu"), pin_memory=False)
+    state.set_row(0, RequestSettings(Mode.SA, vector="b"), prompt_len=5)
+    state.set_row(1, RequestSettings(Mode.SAFEINFER, vector="a", gamma=-2.0, lam=0.5), prompt_len=3)
+    state.set_row(2, RequestSettings(Mode.SGDS, lam=0.9), prompt_len=7)
+    state.swap(0, 2)
+    state.move(1, 3)
+    state.flush()
+    slot_a, slot_b = from_file.entries["a"].layer - 1, from_file.entries["b"].layer - 1
+    assert state.scale[slot_b].tolist() == [0.0, 0.0, 1.5, 0.0]
+    assert state.scale[slot_a].tolist() == [0.0, 0.0, 0.0, -2.0]
+    assert state.mixes.tolist() == [True, False, False, True]
+    assert state.lam.tolist() == pytest.approx([0.9, 0.0, 0.0, 0.5])
+    assert state.prompt_len.tolist() == [7, 0, 5, 3]
+
+
+def test_cli_flags_map_onto_the_same_keys(assets, tmp_path):
+    file = tmp_path / "c.json"
+    file.write_text(json.dumps({"vectors": {"a": assets.vectors["a"]}, "mode": "off", "lam": 0.5}))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args, rest = parser.parse_known_args([
+        "MODEL", "--safeinfer-config", str(file), "--safeinfer-mode", "sa",
+        "--safeinfer-vectors", f"b={assets.vectors['b']}", "--safeinfer-enforce",
+        "--safeinfer-default-vector", "a", "--port", "9000", "--additional-config", '{"other": 1}'])
+    raw = safeinfer_dict(args)
+    assert raw == {"vectors": {"a": assets.vectors["a"], "b": assets.vectors["b"]},
+                   "mode": "sa", "lam": 0.5, "enforce": True, "default_vector": "a"}
+    command = vllm_command(args.model, raw, rest)
+    assert command[command.index("--model") + 1] == "MODEL" and "9000" in command
+    additional = json.loads(command[command.index("--additional-config") + 1])
+    assert additional == {"other": 1, "safeinfer": raw}
