@@ -9,16 +9,22 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vllm_safeinfer import amplification as amp
 from vllm_safeinfer.cli import main
-from vllm_safeinfer.models import SMOLLM2, model_path
+from vllm_safeinfer.models import SMOLLM2, model_path, tiny_tokenizer
 from vllm_safeinfer.vectors import SafetyVector, bundled_vector_path, parse_heads
 
 TINY = ("tiny-llama", "tiny-qwen2")
 SMALL = {"prompts": 6, "shots": 3, "rank_prompts": 3, "seed": 0}
+# In-memory random decoders for other architectures; head_dim 48 != hidden / heads.
+RANDOM_SHAPE = {
+    "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 48,
+}
 
 
 @pytest.fixture(scope="module", params=TINY)
@@ -45,6 +51,11 @@ def ranked(tiny, demos):
     means = amp.mean_head_activations(tiny.model, tiny.tokenizer, [p.clean for p in prompts.mean])
     ranking = amp.rank_heads(tiny.model, tiny.tokenizer, prompts.rank, means, head_batch_size=5)
     return SimpleNamespace(prompts=prompts, means=means, ranking=ranking)
+
+
+def _random_model(config) -> transformers.PreTrainedModel:
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
 def _last_token_o_proj_inputs(model, tokenizer, text: str) -> list[torch.Tensor]:
@@ -118,6 +129,21 @@ def test_same_seed_same_vector(tiny, demos, built) -> None:
     assert not torch.equal(other.vector, built.vector)
 
 
+def _direct_vector(model, tokenizer, texts, heads) -> torch.Tensor:
+    """SV from per-prompt hooks and o_proj weight slices, one unpadded prompt at a time."""
+    per_prompt = [torch.stack(_last_token_o_proj_inputs(model, tokenizer, t)) for t in texts]
+    mean = torch.stack(per_prompt).mean(dim=0)  # [layers, heads * head_dim]
+    d = mean.shape[-1] // model.config.num_attention_heads
+    expected = torch.zeros(model.config.hidden_size)
+    for layer, head in heads:
+        o_proj = model.model.layers[layer].self_attn.o_proj
+        cols = slice(head * d, (head + 1) * d)
+        expected += o_proj.weight[:, cols] @ mean[layer, cols]
+        if o_proj.bias is not None:
+            expected += o_proj.bias
+    return expected.detach()
+
+
 def test_explicit_heads_equal_direct_recomputation(tiny, demos) -> None:
     heads = ((0, 1), (2, 3), (3, 0))
     vector = amp.build_safety_vector(
@@ -125,22 +151,43 @@ def test_explicit_heads_equal_direct_recomputation(tiny, demos) -> None:
     )
     assert vector.heads == heads and vector.method == amp.METHOD_GIVEN
     assert vector.head_effects == () and vector.rank_prompts == 0
-
     prompts = amp.build_prompt_set(demos, prompts=6, shots=3, rank_prompts=0, seed=0).mean
-    per_prompt = [
-        torch.stack(_last_token_o_proj_inputs(tiny.model, tiny.tokenizer, p.clean))
-        for p in prompts
+    expected = _direct_vector(tiny.model, tiny.tokenizer, [p.clean for p in prompts], heads)
+    torch.testing.assert_close(vector.vector, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma3", "llama-biased"])
+def test_other_architectures(arch: str, demos) -> None:
+    """Mistral and Gemma-style decoders, with head_dim != hidden / heads and an o_proj
+    bias, build vectors and rank heads that agree with the independent computations."""
+    tokenizer = tiny_tokenizer()
+    config = {
+        "mistral": lambda: transformers.MistralConfig(**RANDOM_SHAPE, sliding_window=4096),
+        "gemma3": lambda: transformers.Gemma3TextConfig(**RANDOM_SHAPE, sliding_window=4096),
+        "llama-biased": lambda: transformers.LlamaConfig(**RANDOM_SHAPE, attention_bias=True),
+    }[arch]()
+    model = _random_model(config)
+    heads = ((0, 3), (2, 1))
+    vector = amp.build_safety_vector(model, tokenizer, demos, heads=heads, prompts=3, shots=2)
+    prompts = amp.build_prompt_set(demos, prompts=3, shots=2, rank_prompts=2)
+    expected = _direct_vector(model, tokenizer, [p.clean for p in prompts.mean], heads)
+    torch.testing.assert_close(vector.vector, expected, atol=1e-5, rtol=0)
+    means = amp.mean_head_activations(model, tokenizer, [p.clean for p in prompts.mean])
+    ranking = amp.rank_heads(model, tokenizer, prompts.rank, means)
+    effects = [
+        _patched_effect(model, tokenizer, prompts.rank, means, e.layer, e.head)
+        for e in (ranking[0], ranking[-1])
     ]
-    mean = torch.stack(per_prompt).mean(dim=0)  # [layers, heads * head_dim]
-    d = tiny.model.config.head_dim
-    expected = torch.zeros(tiny.model.config.hidden_size)
-    for layer, head in heads:
-        o_proj = tiny.model.model.layers[layer].self_attn.o_proj
-        cols = slice(head * d, (head + 1) * d)
-        expected += o_proj.weight[:, cols] @ mean[layer, cols]
-        if o_proj.bias is not None:
-            expected += o_proj.bias
-    torch.testing.assert_close(vector.vector, expected.detach(), atol=1e-5, rtol=0)
+    assert effects == pytest.approx([ranking[0].effect, ranking[-1].effect], rel=1e-3, abs=1e-9)
+
+
+def test_ranking_refuses_prompts_beyond_a_sliding_window(demos) -> None:
+    model = _random_model(transformers.MistralConfig(**RANDOM_SHAPE, sliding_window=64))
+    tokenizer = tiny_tokenizer()
+    prompts = amp.build_prompt_set(demos, prompts=1, shots=2, rank_prompts=1)
+    means = amp.mean_head_activations(model, tokenizer, [p.clean for p in prompts.mean])
+    with pytest.raises(ValueError, match="exceeds the model's sliding window of 64 tokens"):
+        amp.rank_heads(model, tokenizer, prompts.rank, means)
 
 
 def test_batched_mean_activations_equal_unbatched(tiny, demos) -> None:

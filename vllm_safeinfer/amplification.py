@@ -109,9 +109,9 @@ def load_demonstrations(path: str | Path) -> tuple[Demonstration, ...]:
             unknown = set(row) - {"input", "output", "compliant"}
             if unknown:
                 raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
-            for key in ("input", "output", "compliant"):
-                value = row.get(key, "")
-                if not isinstance(value, str) or (key != "compliant" and not value.strip()):
+            for key in ("input", "output", *(["compliant"] if "compliant" in row else [])):
+                value = row.get(key)
+                if not isinstance(value, str) or not value.strip():
                     raise ValueError(f"{where}: {key!r} must be a non-empty string")
             rows.append((row["input"], row["output"], row.get("compliant")))
     if len(rows) < 2:
@@ -251,7 +251,7 @@ def rank_heads(
     prompts: Sequence[InContextPrompt],
     mean_activations: torch.Tensor,
     *,
-    head_batch_size: int = 64,
+    head_batch_size: int = 128,
     progress: bool = False,
 ) -> tuple[HeadEffect, ...]:
     """Every (layer, head) once, sorted by average indirect effect (ties by index).
@@ -268,14 +268,12 @@ def rank_heads(
     shape = head_shape(model)
     expected = (shape.num_layers, shape.num_heads, shape.head_dim)
     if tuple(mean_activations.shape) != expected:
-        raise ValueError(f"mean activations have shape {tuple(mean_activations.shape)}, expected {expected}")
+        raise ValueError(
+            f"mean activations have shape {tuple(mean_activations.shape)}, expected {expected}"
+        )
     if not prompts:
         raise ValueError("ranking needs at least one prompt")
-    if any(p.corrupted is None for p in prompts):
-        raise ValueError(
-            "ranking needs corrupted prompts, but some demonstrations have no compliant "
-            "answer (all outputs are identical): add a \"compliant\" field or give the heads"
-        )
+    _require_corrupted(prompts)
     if head_batch_size < 1:
         raise ValueError(f"head_batch_size must be positive, got {head_batch_size}")
     device = _device(model)
@@ -292,6 +290,7 @@ def rank_heads(
         ids = torch.tensor([_encode(tokenizer, prompt.corrupted)], device=device)
         target = answer_token_id(tokenizer, prompt.corrupted, prompt.answer)
         prefix = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        _check_sliding_window(prefix, ids.shape[1])
         probs = []
         for chunk in chunks:
             copies = len(chunk)
@@ -327,7 +326,7 @@ def safety_vector_from_heads(
     o_projs = attention_outputs(model)
     vector = torch.zeros(shape.hidden_size, dtype=torch.float32, device=_device(model))
     for layer, head in heads:
-        padded = torch.zeros(shape.num_heads, shape.head_dim, dtype=torch.float32, device=vector.device)
+        padded = torch.zeros_like(mean_activations[layer], device=vector.device)
         padded[head] = mean_activations[layer, head]
         vector += o_projs[layer](padded.view(-1)).float()
     return vector.cpu()
@@ -373,12 +372,19 @@ def build_safety_vector(
         demos, prompts=prompts, shots=shots,
         rank_prompts=0 if heads is not None else rank_prompts, seed=seed,
     )
+    if heads is None:
+        _require_corrupted(prompt_set.rank)
     means = mean_head_activations(
-        model, tokenizer, [p.clean for p in prompt_set.mean], batch_size=batch_size, progress=progress
+        model,
+        tokenizer,
+        [p.clean for p in prompt_set.mean],
+        batch_size=batch_size,
+        progress=progress,
     )
     effects: tuple[float, ...] = ()
     if heads is None:
-        ranking = rank_heads(model, tokenizer, prompt_set.rank, means, progress=progress)[:top_heads]
+        ranking = rank_heads(model, tokenizer, prompt_set.rank, means, progress=progress)
+        ranking = ranking[:top_heads]
         heads = [(e.layer, e.head) for e in ranking]
         effects = tuple(e.effect for e in ranking)
     return SafetyVector(
@@ -412,6 +418,10 @@ def load_model(name_or_path: str, device: str = "cpu"):
     path = name_or_path
     if name_or_path in MODEL_NAMES and not Path(name_or_path).exists():
         path = str(model_path(name_or_path))
+    elif name_or_path.startswith((".", "/")) and not Path(name_or_path).is_dir():
+        raise ValueError(
+            f"model folder {name_or_path} does not exist (project models: {', '.join(MODEL_NAMES)})"
+        )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     return model, AutoTokenizer.from_pretrained(path)
 
@@ -419,7 +429,28 @@ def load_model(name_or_path: str, device: str = "cpu"):
 def _check_fp32(model: nn.Module) -> None:
     dtype = next(model.parameters()).dtype
     if dtype != torch.float32:
-        raise ValueError(f"the model must be loaded in float32 (got {dtype}): load with dtype=torch.float32")
+        raise ValueError(
+            f"the model must be loaded in float32 (got {dtype}): load with dtype=torch.float32"
+        )
+
+
+def _check_sliding_window(cache, length: int) -> None:
+    """The copies' mask shows each one the whole prompt, which matches sliding-window
+    layers only while the prompt fits in their window."""
+    windows = [layer.sliding_window for layer in cache.layers if getattr(layer, "is_sliding", 0)]
+    if windows and length > min(windows):
+        raise ValueError(
+            f"a ranking prompt of {length} tokens exceeds the model's sliding window of "
+            f"{min(windows)} tokens: use fewer shots"
+        )
+
+
+def _require_corrupted(prompts: Sequence[InContextPrompt]) -> None:
+    if any(p.corrupted is None for p in prompts):
+        raise ValueError(
+            "ranking needs corrupted prompts, but some demonstrations have no compliant "
+            "answer (all outputs are identical): add a \"compliant\" field or give the heads"
+        )
 
 
 def _check_heads(heads: Sequence[Head], shape: HeadShape) -> None:
@@ -450,7 +481,9 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_pad(
+    rows: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

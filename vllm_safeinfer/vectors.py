@@ -9,7 +9,7 @@ checks it against the model that is about to use it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,7 @@ class SafetyVector:
     prompts: int = 0
     shots: int = 0
     rank_prompts: int = 0
-    source: str | None = field(default=None, compare=False)
+    source: str | None = None
 
     def __post_init__(self) -> None:
         _validate(self, where=self.source or "safety vector")
@@ -125,11 +125,14 @@ class SafetyVector:
         `hf_config`), or anything with `hidden_size` and `num_hidden_layers`.
         """
         hidden, layers = _model_shape(model_config)
-        problems = []
-        if hidden != self.hidden_size:
-            problems.append(f"hidden_size is {self.hidden_size} in the vector but {hidden} in the model")
-        if layers != self.num_layers:
-            problems.append(f"num_layers is {self.num_layers} in the vector but {layers} in the model")
+        problems = [
+            f"{name} is {mine} in the vector but {theirs} in the model"
+            for name, mine, theirs in (
+                ("hidden_size", self.hidden_size, hidden),
+                ("num_layers", self.num_layers, layers),
+            )
+            if mine != theirs
+        ]
         if problems:
             raise ValueError(
                 f"{self.source or 'safety vector'} (built for {self.model}) does not fit this "
@@ -139,9 +142,11 @@ class SafetyVector:
 
 def bundled_vector_path(model: str) -> Path:
     """Path of the safety vector shipped with the package for a named model."""
-    path = Path(str(files("vllm_safeinfer").joinpath("bundled", f"{model}.safetensors")))
+    folder = Path(str(files("vllm_safeinfer").joinpath("bundled")))
+    path = folder / f"{model}.safetensors"
     if not path.is_file():
-        raise ValueError(f"no bundled safety vector for {model!r}")
+        known = sorted(p.stem for p in folder.glob("*.safetensors"))
+        raise ValueError(f"no bundled safety vector for {model!r}; bundled: {', '.join(known)}")
     return path
 
 
@@ -163,7 +168,7 @@ def _validate(sv: SafetyVector, where: str) -> None:
         raise ValueError(f"{where}: layer {sv.layer} is outside 0..{sv.num_layers - 1}")
     bad = [head for head in sv.heads if not 0 <= head[0] < sv.num_layers or head[1] < 0]
     if bad:
-        raise ValueError(f"{where}: heads {format_heads(tuple(bad))} are outside the model's layers")
+        raise ValueError(f"{where}: heads {format_heads(tuple(bad))} are outside the layers")
     if sv.head_effects and len(sv.head_effects) != len(sv.heads):
         raise ValueError(
             f"{where}: {len(sv.head_effects)} head effects for {len(sv.heads)} heads"
@@ -191,7 +196,10 @@ def _parse_metadata(meta: dict[str, str], where: str) -> dict[str, Any]:
         fields["gamma"] = float(meta["gamma"])
     except ValueError:
         raise ValueError(f"{where}: metadata gamma={meta['gamma']!r} is not a number") from None
-    fields["heads"] = parse_heads(meta["heads"]) if meta["heads"] else ()
+    try:
+        fields["heads"] = parse_heads(meta["heads"]) if meta["heads"] else ()
+    except ValueError as err:
+        raise ValueError(f"{where}: metadata heads: {err}") from None
     try:
         fields["head_effects"] = tuple(
             float(value) for value in meta["head_effects"].split(",") if value
