@@ -121,3 +121,30 @@ def test_bad_options_rejected_and_engine_keeps_serving(engine_pool, tiny_assets,
         llm.generate([{"prompt_token_ids": PROMPTS[0]}], bad, use_tqdm=False)
     good = vllm_generate(llm, PROMPTS[:2], sampling(Case("sa"), max_tokens=4))
     assert all(len(tokens) > 0 for tokens in good)
+
+
+def test_beam_search_is_refused(engine_pool, tiny_assets):
+    from vllm.sampling_params import BeamSearchParams
+
+    llm = safeinfer_engine(engine_pool, tiny_assets("tiny-llama"))
+    with pytest.raises(ValueError, match="beam search is not supported with SafeInfer"):
+        llm.beam_search([{"prompt_token_ids": PROMPTS[0]}], BeamSearchParams(beam_width=2, max_tokens=4))
+
+
+def test_mixing_composes_with_masks_and_biases(engine_pool, tiny_assets):
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    llm = safeinfer_engine(engine_pool, tiny_assets("tiny-llama"))
+    mix = {"safeinfer_mode": "safeinfer", "safeinfer_lam": 0.99}
+    allowed = list(range(40, 60))
+    params = [
+        SamplingParams(max_tokens=8, temperature=0.0, allowed_token_ids=allowed, extra_args=mix),
+        SamplingParams(max_tokens=8, temperature=0.0, logit_bias={77: 100.0}, extra_args=mix),
+        SamplingParams(max_tokens=8, temperature=0.0, extra_args=mix,
+                       structured_outputs=StructuredOutputsParams(choice=["yes", "no"])),
+    ]
+    outputs = llm.generate([{"prompt_token_ids": PROMPTS[0]}] * 3, params, use_tqdm=False)
+    assert set(outputs[0].outputs[0].token_ids) <= set(allowed)
+    assert list(outputs[1].outputs[0].token_ids) == [77] * 8
+    assert outputs[2].outputs[0].text in ("yes", "no")

@@ -3,10 +3,10 @@
 On a GPU the kernels run compiled on CUDA tensors. Without one they run under Triton's
 interpreter on CPU tensors, which Triton picks per `@triton.jit` function when it is
 decorated, its own standard library (`tl.sum`, `tl.max`) included: so TRITON_INTERPRET
-must be set before the process first imports triton. When this module comes first it
-sets it; when another test module imported triton earlier, the kernel comparisons
-(tests named `*_kernel_*`) run in a fresh interpreter subprocess instead. Either way they
-run, and fail rather than skip when the kernels cannot run.
+must be set before the process first imports triton. The suite's own process never sets
+it (vLLM engines started later would inherit it): without a GPU, the kernel comparisons
+(tests named `*_kernel_*`) run in a fresh subprocess with TRITON_INTERPRET=1, and fail
+rather than skip when the kernels cannot run.
 """
 import os
 import subprocess
@@ -18,11 +18,6 @@ import pytest
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-if DEVICE == "cpu" and "triton" not in sys.modules:
-    # Stays set: the interpreter reads it while running too. Kernels imported later
-    # are interpreted as well, which is all they could be without a GPU.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
@@ -39,16 +34,16 @@ KERNELS_RUN_HERE = DEVICE == "cuda" or all(
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 
-@pytest.fixture
-def kernels_here() -> None:
-    if not KERNELS_RUN_HERE:
-        pytest.skip("triton was imported uninterpreted: test_kernels_in_subprocess runs this")
+def runs_elsewhere(test_name: str) -> bool:
+    """Deselected here (conftest): kernel comparisons when the kernels cannot run in this
+    process, the subprocess runner when they can."""
+    if test_name.startswith("test_kernels_in_subprocess"):
+        return KERNELS_RUN_HERE
+    return "_kernel_" in test_name and not KERNELS_RUN_HERE
 
 
 def test_kernels_in_subprocess() -> None:
-    """Without a GPU and with triton imported before this module: the `*_kernel_*` tests."""
-    if KERNELS_RUN_HERE:
-        pytest.skip("the kernel tests ran in this process")
+    """Without a GPU (or interpreter mode set up front): the `*_kernel_*` tests."""
     child = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "_kernel_"]
         + [__file__],
@@ -162,7 +157,6 @@ def test_steer_kernel_matches_reference(
     hidden_size: int,
     dtype: torch.dtype,
     variant: tuple[bool, torch.dtype, torch.dtype | None],
-    kernels_here: None,
 ) -> None:
     fp32_vectors, index_dtype, slot_dtype = variant
     vector_dtype = torch.float32 if fp32_vectors else dtype
@@ -178,7 +172,7 @@ def test_steer_kernel_matches_reference(
 
 
 @pytest.mark.parametrize("num_rows", [1, 2, 3, 4, 7, 8, 9, 16, 33])
-def test_steer_kernel_binary_search(num_rows: int, kernels_here: None) -> None:
+def test_steer_kernel_binary_search(num_rows: int) -> None:
     """Every token finds its row, whatever R, empty rows and padding rows included."""
     gen = torch.Generator().manual_seed(num_rows)
     lens = torch.randint(0, 4, (num_rows,), generator=gen)
@@ -297,7 +291,7 @@ def _assert_mix_close(actual: torch.Tensor, expected: torch.Tensor, lam: torch.T
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_mix_kernel_matches_reference(
-    vocab_size: int, width: int, dtype: torch.dtype, kernels_here: None
+    vocab_size: int, width: int, dtype: torch.dtype
 ) -> None:
     logits, expert = _mix_inputs(len(MIX_LAMS), width, dtype)
     lam = torch.tensor(MIX_LAMS, device=DEVICE)
@@ -312,7 +306,7 @@ def test_mix_kernel_matches_reference(
 @pytest.mark.parametrize("active_dtype", [torch.bool, torch.int32], ids=str)
 @pytest.mark.parametrize("into_out", [False, True], ids=["in-place", "out"])
 def test_mix_kernel_inactive_rows(
-    dtype: torch.dtype, active_dtype: torch.dtype, into_out: bool, kernels_here: None
+    dtype: torch.dtype, active_dtype: torch.dtype, into_out: bool
 ) -> None:
     """Inactive rows keep (in place) or copy (out) their logits; lam = 1 there is harmless."""
     logits, expert = _mix_inputs(4, 32064, dtype, seed=1)

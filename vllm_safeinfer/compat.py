@@ -10,6 +10,8 @@ REQUIRED_INTERNALS: tuple[tuple[str, str], ...] = (
     ("vllm.engine.arg_utils", "EngineArgs.create_engine_config"),
     ("vllm.v1.engine.input_processor", "InputProcessor._validate_params"),
     ("vllm.v1.engine.input_processor", "InputProcessor.process_inputs"),
+    ("vllm.entrypoints.generate.beam_search.offline", "BeamSearchOfflineMixin.beam_search"),
+    ("vllm.entrypoints.generate.beam_search.online", "BeamSearchOnlineMixin.beam_search"),
     ("vllm.v1.core.kv_cache_utils", "generate_block_hash_extra_keys"),
     ("vllm.v1.core.block_pool", "generate_block_hash_extra_keys"),
     ("vllm.v1.worker.gpu_worker", "Worker.load_model"),

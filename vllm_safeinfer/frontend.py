@@ -66,3 +66,33 @@ def install() -> None:
     InputProcessor._validate_params = _validate_params
     InputProcessor.process_inputs = process_inputs
     InputProcessor._safeinfer_hooked = True
+    _refuse_beam_search()
+
+
+BEAM_SEARCH_REFUSED = (
+    "beam search is not supported with SafeInfer: vLLM ranks beams by the served model's "
+    "raw logprobs, which ignore the steering and expert mixing"
+)
+
+
+def _refuse_beam_search() -> None:
+    """Beam search ranks candidates by raw logprobs: with SafeInfer configured it would
+    silently ignore the mixing, so it is refused."""
+    from vllm.entrypoints.generate.beam_search.offline import BeamSearchOfflineMixin
+    from vllm.entrypoints.generate.beam_search.online import BeamSearchOnlineMixin
+
+    offline, online = BeamSearchOfflineMixin.beam_search, BeamSearchOnlineMixin.beam_search
+
+    def offline_beam_search(self, *args, **kwargs):
+        if SafeInferConfig.from_additional_config(self.llm_engine.vllm_config.additional_config):
+            raise ValueError(BEAM_SEARCH_REFUSED)
+        return offline(self, *args, **kwargs)
+
+    async def online_beam_search(self, *args, **kwargs):
+        if SafeInferConfig.from_additional_config(self.engine_client.vllm_config.additional_config):
+            raise ValueError(BEAM_SEARCH_REFUSED)
+        async for output in online(self, *args, **kwargs):
+            yield output
+
+    BeamSearchOfflineMixin.beam_search = offline_beam_search
+    BeamSearchOnlineMixin.beam_search = online_beam_search
