@@ -148,8 +148,12 @@ def steer_(
     slot_mapping: torch.Tensor | None = None,
 ) -> None:
     """Steer `hidden` in place; an opaque op so compiled graphs keep it as one call."""
-    impl = steer_triton if hidden.device.type in ("cuda", "xpu") else steer_reference
-    impl(hidden, positions, query_start_loc, scale, vector_id, prompt_len, vectors, slot_mapping)
+    if hidden.device.type in ("cuda", "xpu"):
+        steer_triton(hidden, positions, query_start_loc, scale, vector_id, prompt_len, vectors,
+                     slot_mapping)
+    elif bool(scale.any()):  # on CPU the check is free and spares the [T, H] pass
+        steer_reference(hidden, positions, query_start_loc, scale, vector_id, prompt_len,
+                        vectors, slot_mapping)
 
 
 @steer_.register_fake

@@ -36,6 +36,22 @@ def tiny_assets(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def references(tiny_assets):
+    """The HF reference (ground truth) of a tiny model with its expert."""
+    from vllm_safeinfer.reference import SafeInferReference
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            assets = tiny_assets(name)
+            cache[name] = SafeInferReference.from_pretrained(assets.model, assets.expert)
+        return cache[name]
+
+    return get
+
+
 def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(f"suite wall time: {time.time() - _START:.0f} s")
 

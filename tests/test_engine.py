@@ -9,22 +9,8 @@ import pytest
 from tests.engines import new_llm
 from tests.parity import (MIXED_CASES, PROMPTS, Case, reference_generate, sampling,
                           vllm_generate)
-from vllm_safeinfer.reference import SafeInferReference
 
 ARCHS = ["tiny-llama", "tiny-qwen2"]
-
-
-@pytest.fixture(scope="module")
-def references(tiny_assets):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            assets = tiny_assets(name)
-            cache[name] = SafeInferReference.from_pretrained(assets.model, assets.expert)
-        return cache[name]
-
-    return get
 
 
 def safeinfer_engine(engine_pool, assets):
@@ -143,8 +129,14 @@ def test_mixing_composes_with_masks_and_biases(engine_pool, tiny_assets):
         SamplingParams(max_tokens=8, temperature=0.0, logit_bias={77: 100.0}, extra_args=mix),
         SamplingParams(max_tokens=8, temperature=0.0, extra_args=mix,
                        structured_outputs=StructuredOutputsParams(choice=["yes", "no"])),
+        SamplingParams(max_tokens=8, temperature=0.0, extra_args=mix, prompt_logprobs=1,
+                       logprobs=1),
+        SamplingParams(max_tokens=8, temperature=0.0, extra_args=mix),
     ]
-    outputs = llm.generate([{"prompt_token_ids": PROMPTS[0]}] * 3, params, use_tqdm=False)
+    outputs = llm.generate([{"prompt_token_ids": PROMPTS[0]}] * 5, params, use_tqdm=False)
     assert set(outputs[0].outputs[0].token_ids) <= set(allowed)
     assert list(outputs[1].outputs[0].token_ids) == [77] * 8
     assert outputs[2].outputs[0].text in ("yes", "no")
+    # Prompt logprobs (the served model's, computed after sampling) change nothing.
+    assert outputs[3].prompt_logprobs is not None
+    assert outputs[3].outputs[0].token_ids == outputs[4].outputs[0].token_ids

@@ -7,7 +7,6 @@ import pytest
 
 from tests.engines import new_llm
 from tests.parity import MIXED_CASES, Case, reference_generate, sampling, vllm_generate
-from vllm_safeinfer.reference import SafeInferReference
 
 ARCHS = ["tiny-llama", "tiny-qwen2"]
 BLOCKS = 16  # x 32 tokens: room for 3 of the long prompts below, not for their outputs
@@ -16,19 +15,6 @@ LONG_TOKENS = 24
 
 def long_prompt(seed: int, length: int) -> list[int]:
     return [(seed * 7919 + i * 104729) % 480 + 10 for i in range(length)]
-
-
-@pytest.fixture(scope="module")
-def references(tiny_assets):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            assets = tiny_assets(name)
-            cache[name] = SafeInferReference.from_pretrained(assets.model, assets.expert)
-        return cache[name]
-
-    return get
 
 
 def stress_engine(engine_pool, assets):
