@@ -182,10 +182,10 @@ def _measure(args: argparse.Namespace, settings: dict) -> list[tuple[str, int, i
     engines = {}
     for kind in kinds:  # started one after the other: two starting at once compete for cores
         parent, child = context.Pipe()
-        process = context.Process(target=_serve_engine, args=(child, kind, settings), daemon=True)
+        process = context.Process(target=_serve_engine, args=(child, kind, settings))
         process.start()
-        assert parent.recv() == "ready"
         engines[kind] = (parent, process)
+        _receive(parent, process, kind)
         print(f"engine {kind} ready", flush=True)
     runs = []
     try:
@@ -195,17 +195,26 @@ def _measure(args: argparse.Namespace, settings: dict) -> list[tuple[str, int, i
                     sizes = args.hf_batch_sizes if mode == "hf" else args.batch_sizes
                     if batch_size not in sizes:
                         continue
-                    conn, _ = engines[ENGINE_OF_MODE[mode]]
+                    conn, process = engines[ENGINE_OF_MODE[mode]]
                     conn.send((mode, batch_size))
-                    tokens_per_s = conn.recv()
+                    tokens_per_s = _receive(conn, process, mode)
                     runs.append((mode, batch_size, repeat, tokens_per_s))
                     print(f"repeat {repeat} batch {batch_size:4d} {mode:12s} "
                           f"{tokens_per_s:9.1f} tok/s", flush=True)
     finally:
         for conn, process in engines.values():
-            conn.send(None)
+            if process.is_alive():
+                conn.send(None)
             process.join(timeout=60)
     return runs
+
+
+def _receive(conn, process, what: str):
+    """The engine process's answer; an error if it died instead of answering."""
+    while not conn.poll(1.0):
+        if not process.is_alive():
+            raise RuntimeError(f"the engine process for {what!r} exited ({process.exitcode})")
+    return conn.recv()
 
 
 def _report(args: argparse.Namespace, runs, out: Path) -> None:
