@@ -77,8 +77,10 @@ def _vllm_runner(kind: str, model: str, settings: dict, tokenizer):
         safeinfer = {"vector": settings["vector"]}
         if kind == "mix":
             safeinfer["expert_model"] = settings["expert"]
+    # No prefix caching: every mode re-runs the same prompts, and a mode measured after
+    # another on the same engine would otherwise skip their prefill.
     llm = LLM(model=model, tokenizer=settings["model"], dtype=settings["dtype"],
-              max_model_len=1024, block_size=32, seed=0,
+              max_model_len=1024, block_size=32, seed=0, enable_prefix_caching=False,
               enforce_eager=settings["eager"], max_num_seqs=max(settings["batch_sizes"]),
               additional_config={"safeinfer": safeinfer} if safeinfer else {})
 
