@@ -30,11 +30,11 @@ class VectorTable:
     def __init__(self, config: SafeInferConfig, model_config) -> None:
         self.entries: dict[str, LoadedVector] = {}
         rows = []
+        total = model_config.hf_config.num_hidden_layers
         for index, (name, path) in enumerate(sorted(config.vectors.items())):
             vector = SafetyVector.load(path)
             vector.check_compatible(model_config)
             layer = vector.layer if config.layer is None else config.layer
-            total = model_config.hf_config.num_hidden_layers
             if not 0 <= layer < total:
                 raise ValueError(
                     f"safety vector {name!r} ({path}): layer {layer} is outside the model's "

@@ -53,7 +53,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def install_steering(model: nn.Module, state: BatchState, query_start_loc: torch.Tensor) -> None:
     layers = decoder_layers(model)
+    # Layers were checked against the model's depth when the vectors were loaded.
     for layer in state.vectors.layers:
-        if not 0 <= layer < len(layers):
-            raise ValueError(f"steering layer {layer} is outside the model's {len(layers)} layers")
         layers[layer].register_forward_hook(SteeringHook(state, layer, query_start_loc))
