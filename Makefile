@@ -7,10 +7,11 @@ TARGET ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(TARGET)
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
+BENCH_ARGS ?= --batch-sizes 1 8 32 128 --hf-batch-sizes 32 --max-tokens 32 --repeats 3
 
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: install test demo dist clean
+.PHONY: install test demo bench dist clean
 
 install: $(STAMP)
 
@@ -37,6 +38,12 @@ test: install
 
 demo: install
 	$(BIN)/safeinfer demo
+
+# On CPU, vLLM's default thread binding keeps one core of a small machine for the
+# engine-core process; `nobind` lets every engine's worker compute on all cores, as HF does.
+bench: export VLLM_CPU_OMP_THREADS_BIND ?= nobind
+bench: install
+	$(BIN)/python benchmarks/throughput.py $(BENCH_ARGS)
 
 dist: install
 	rm -rf dist build

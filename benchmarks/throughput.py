@@ -59,14 +59,16 @@ def _serve_engine(conn, kind: str, settings: dict) -> None:
     model = settings["expert"] if kind == "expert" else settings["model"]
     tokenizer = AutoTokenizer.from_pretrained(settings["model"])
     if kind == "hf":
-        run = _hf_runner(settings, tokenizer)
+        run, close = _hf_runner(settings, tokenizer), None
     else:
-        run = _vllm_runner(kind, model, settings, tokenizer)
+        run, close = _vllm_runner(kind, model, settings, tokenizer)
     run("warmup", 2)
     conn.send("ready")
     while (message := conn.recv()) is not None:
         mode, batch_size = message
         conn.send(run(mode, batch_size))
+    if close is not None:
+        close()
 
 
 def _vllm_runner(kind: str, model: str, settings: dict, tokenizer):
@@ -94,7 +96,9 @@ def _vllm_runner(kind: str, model: str, settings: dict, tokenizer):
         elapsed = time.perf_counter() - start
         return sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed
 
-    return run
+    # Without an explicit shutdown the engine's processes outlive the child and the
+    # parent's exit waits for them.
+    return run, llm.llm_engine.engine_core.shutdown
 
 
 def _hf_runner(settings: dict, tokenizer):
@@ -167,6 +171,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--eager", action="store_true", help="enforce_eager for every engine")
+    parser.add_argument("--settle", type=float, default=1.5,
+                        help="seconds to wait before each measurement: a vLLM worker "
+                        "busy-polls its message queue for 1 s after its last step, so the "
+                        "engine measured before would otherwise take cores from the next")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
@@ -198,6 +206,7 @@ def _measure(args: argparse.Namespace, settings: dict) -> list[tuple[str, int, i
                     if batch_size not in sizes:
                         continue
                     conn, process = engines[ENGINE_OF_MODE[mode]]
+                    time.sleep(args.settle)
                     conn.send((mode, batch_size))
                     tokens_per_s = _receive(conn, process, mode)
                     runs.append((mode, batch_size, repeat, tokens_per_s))
@@ -207,7 +216,10 @@ def _measure(args: argparse.Namespace, settings: dict) -> list[tuple[str, int, i
         for conn, process in engines.values():
             if process.is_alive():
                 conn.send(None)
+        for conn, process in engines.values():
             process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
     return runs
 
 
