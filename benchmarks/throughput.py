@@ -35,12 +35,10 @@ REQUEST_MODE = {"off": "off", "sa": "sa", "sgds": "sgds", "safeinfer": "safeinfe
 
 def _prompts(tokenizer, count: int) -> list[list[int]]:
     from vllm_safeinfer.data import advbench_split
+    from vllm_safeinfer.models import chat_prompt_ids
 
     goals = [row.goal for row in advbench_split().evaluation]
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": goals[i % len(goals)]}],
-                                           add_generation_prompt=True, tokenize=False)
-             for i in range(count)]
-    return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    return chat_prompt_ids(tokenizer, [goals[i % len(goals)] for i in range(count)])
 
 
 def _extra_args(mode: str, index: int) -> dict | None:

@@ -6,7 +6,7 @@ import pytest
 
 from tests.engines import new_llm
 from tests.parity import vllm_generate
-from vllm_safeinfer.models import SMOLLM2, model_path
+from vllm_safeinfer.models import SMOLLM2, chat_prompt_ids, model_path
 from vllm_safeinfer.modes import Mode
 from vllm_safeinfer.reference import RowSettings, SafeInferReference
 from vllm_safeinfer.vectors import SafetyVector, bundled_vector_path
@@ -23,11 +23,7 @@ def smollm2(engine_pool):
     llm = engine_pool.get("eager:smollm2", lambda: new_llm(
         path, max_model_len=1024, additional_config={"safeinfer": {"vector": vector}}))
     reference = SafeInferReference.from_pretrained(path)
-    tokenizer = reference.tokenizer
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}],
-                                           add_generation_prompt=True, tokenize=False)
-             for q in QUESTIONS]
-    prompts = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    prompts = chat_prompt_ids(reference.tokenizer, QUESTIONS)
     return llm, reference, prompts, SafetyVector.load(vector)
 
 

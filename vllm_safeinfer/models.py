@@ -90,6 +90,15 @@ def expert_of(name: str) -> str:
     return twin
 
 
+def chat_prompt_ids(tokenizer, questions: list[str]) -> list[list[int]]:
+    """Each question as one user turn in the model's chat template, ready for the
+    assistant's answer, as token ids (the template already holds the special tokens)."""
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}],
+                                           add_generation_prompt=True, tokenize=False)
+             for q in questions]
+    return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+
+
 def _build_atomically(out: Path, build) -> None:
     """Build into a temporary sibling and rename, so concurrent or interrupted builds
     never leave a half-written checkpoint."""
