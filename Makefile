@@ -8,10 +8,13 @@ STAMP := $(VENV)/.installed-$(TARGET)
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 BENCH_ARGS ?= --batch-sizes 1 8 32 128 --hf-batch-sizes 32 --max-tokens 32 --repeats 3
+HARMEVAL_OUT ?= harmeval-smollm2
+HARMEVAL_ARGS ?= --dataset advbench,harmbench,xstest --limit 50 --max-tokens 48 \
+	--modes off,sa --sweep gamma=0.1,0.25,0.5
 
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: install test demo bench dist clean
+.PHONY: install test demo harmeval bench dist clean
 
 install: $(STAMP)
 
@@ -39,6 +42,14 @@ test: install
 demo: install
 	$(BIN)/safeinfer demo
 
+# HarmEval on the embedded SmolLM2 with its bundled safety vector: ASR by category and
+# mode, over-refusal, degeneration and the gamma sweep's chart, in $(HARMEVAL_OUT)/.
+harmeval: export VLLM_CPU_OMP_THREADS_BIND ?= nobind
+harmeval: install
+	$(BIN)/safeinfer harmeval --model smollm2-135m-instruct --out $(HARMEVAL_OUT) \
+		--safeinfer-vector "$$($(BIN)/safeinfer vector bundled smollm2-135m-instruct)" \
+		--engine-args '{"dtype": "float32", "max_model_len": 2048}' $(HARMEVAL_ARGS)
+
 # On CPU, vLLM's default thread binding keeps one core of a small machine for the
 # engine-core process; `nobind` lets every engine's worker compute on all cores, as HF does.
 bench: export VLLM_CPU_OMP_THREADS_BIND ?= nobind
@@ -51,4 +62,4 @@ dist: install
 	@ls dist/*.whl
 
 clean:
-	rm -rf $(VENV) dist build *.egg-info
+	rm -rf $(VENV) dist build *.egg-info $(HARMEVAL_OUT)

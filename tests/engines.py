@@ -14,6 +14,9 @@ from vllm_safeinfer.models import expert_of, model_path
 from vllm_safeinfer.vectors import SafetyVector
 
 MAX_ALIVE = 2
+# Every tiny engine of the suite: fp32 and eager so that outputs match the HF reference.
+ENGINE_DEFAULTS = dict(dtype="float32", max_model_len=512, block_size=32, enforce_eager=True,
+                       seed=0, max_num_seqs=16)
 
 
 @dataclass(frozen=True)
@@ -77,10 +80,15 @@ def shutdown(llm) -> None:
     llm.llm_engine.engine_core.shutdown()
 
 
+def safeinfer_engine(engine_pool: EnginePool, assets: TinyAssets):
+    """The eager engine of a tiny model with SafeInfer configured (vectors a, b; expert)."""
+    return engine_pool.get(
+        f"eager:{assets.model}",
+        lambda: new_llm(assets.model, additional_config={"safeinfer": assets.safeinfer_config()}),
+    )
+
+
 def new_llm(model: str, **kwargs):
     from vllm import LLM
 
-    defaults = dict(dtype="float32", max_model_len=512, block_size=32, enforce_eager=True,
-                    seed=0, max_num_seqs=16)
-    defaults.update(kwargs)
-    return LLM(model=model, **defaults)
+    return LLM(model=model, **{**ENGINE_DEFAULTS, **kwargs})

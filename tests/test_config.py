@@ -13,7 +13,8 @@ from vllm_safeinfer.batch_state import BatchState, VectorTable
 from vllm_safeinfer.config import SafeInferConfig
 from vllm_safeinfer.modes import Mode
 from vllm_safeinfer.request_options import RequestSettings, resolve_request
-from vllm_safeinfer.serve import add_arguments, safeinfer_dict, vllm_command
+from vllm_safeinfer.config_flags import safeinfer_dict
+from vllm_safeinfer.serve import add_arguments, vllm_command
 
 
 class _ModelConfig:

@@ -6,18 +6,11 @@ import os
 
 import pytest
 
-from tests.engines import new_llm
+from tests.engines import new_llm, safeinfer_engine
 from tests.parity import (MIXED_CASES, PROMPTS, Case, reference_generate, sampling,
                           vllm_generate)
 
 ARCHS = ["tiny-llama", "tiny-qwen2"]
-
-
-def safeinfer_engine(engine_pool, assets):
-    return engine_pool.get(
-        f"eager:{assets.model}",
-        lambda: new_llm(assets.model, additional_config={"safeinfer": assets.safeinfer_config()}),
-    )
 
 
 def _probe_worker(worker):

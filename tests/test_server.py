@@ -2,58 +2,11 @@
 JSON file plus flags; bad per-request options are HTTP 400 and the server keeps serving."""
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-
 import httpx
 import pytest
 
 from tests.parity import PROMPTS, Case, reference_generate
 from vllm_safeinfer.reference import SafeInferReference
-
-STARTUP_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tiny_assets, tmp_path_factory):
-    assets = tiny_assets("tiny-llama")
-    config_file = tmp_path_factory.mktemp("server") / "safeinfer.json"
-    config_file.write_text(json.dumps(assets.safeinfer_config(mode="off")))
-    port = _free_port()
-    command = [sys.executable, "-m", "vllm_safeinfer.cli", "serve", assets.model,
-               "--safeinfer-config", str(config_file), "--safeinfer-mode", "sa",
-               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-               "--max-model-len", "512", "--block-size", "32", "--enforce-eager",
-               "--max-num-seqs", "8"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + STARTUP_S
-    try:
-        while True:
-            assert process.poll() is None, "the server exited during start-up"
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "the server did not start in time"
-            time.sleep(1)
-        yield base, assets
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
 
 
 def complete(base: str, prompt: list[int], xargs: dict | None = None) -> httpx.Response:

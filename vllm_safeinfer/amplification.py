@@ -411,17 +411,11 @@ def load_model(name_or_path: str, device: str = "cpu"):
     `vllm_safeinfer.models`) resolves to its local checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vllm_safeinfer.models import MODEL_NAMES, model_path
+    from vllm_safeinfer.models import resolve_model
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
-    path = name_or_path
-    if name_or_path in MODEL_NAMES and not Path(name_or_path).exists():
-        path = str(model_path(name_or_path))
-    elif name_or_path.startswith((".", "/")) and not Path(name_or_path).is_dir():
-        raise ValueError(
-            f"model folder {name_or_path} does not exist (project models: {', '.join(MODEL_NAMES)})"
-        )
+    path = resolve_model(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     return model, AutoTokenizer.from_pretrained(path)
 

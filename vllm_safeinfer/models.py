@@ -82,6 +82,17 @@ def model_path(name: str) -> Path:
     return out
 
 
+def resolve_model(name_or_path: str) -> str:
+    """A checkpoint folder or hub id as given; a project model name (see `MODEL_NAMES`)
+    becomes its local checkpoint, built on first use."""
+    if name_or_path in MODEL_NAMES and not Path(name_or_path).exists():
+        return str(model_path(name_or_path))
+    if name_or_path.startswith((".", "/")) and not Path(name_or_path).is_dir():
+        raise ValueError(f"model folder {name_or_path} does not exist "
+                         f"(project models: {', '.join(MODEL_NAMES)})")
+    return name_or_path
+
+
 def expert_of(name: str) -> str:
     """Name of a tiny model's smaller expert twin."""
     twin = f"{name}-expert"

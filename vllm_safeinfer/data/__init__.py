@@ -9,11 +9,14 @@ every phase draws from the same fixed, disjoint parts.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -33,6 +36,16 @@ DATASETS: tuple[str, ...] = (
     "xstest",
     "xstest-unsafe",
     "dangerousqa",
+)
+# Evaluation sets also name a user's local files: HarmEval is gated on the hub.
+HARMEVAL_PREFIX = "harmeval:"
+JSONL_PREFIX = "jsonl:"
+# Sets of safe prompts: a refusal there is over-refusal, not a defence.
+SAFE_SETS = frozenset({"xstest"})
+HARMEVAL_CATEGORIES: tuple[str, ...] = (
+    "Illegal Activity", "Child Abuse Content", "Physical Harm", "Economic Harm",
+    "Political Campaigning", "Malware", "Privacy Violation Activity",
+    "Tailored Financial Advice", "Fraud/Deception", "Hate/Harass/Violence", "Adult Content",
 )
 
 
@@ -144,3 +157,138 @@ def refusal_prefixes() -> tuple[str, ...]:
     (case-sensitive, curly apostrophes made ASCII) counts as a refusal."""
     text = _file("refusal_prefixes_gcg.txt").read_text(encoding="utf-8")
     return tuple(line for line in text.splitlines() if line)
+
+
+def evaluation_set(name: str) -> tuple[Prompt, ...]:
+    """The prompts an evaluation names. `advbench` is the evaluation part of the split
+    (never its demonstration or expert-training parts); `harmeval:PATH` a local copy of
+    HarmEval; `jsonl:PATH` a file of `{"prompt", "category"}` objects; other names as
+    `load_dataset`."""
+    if name.startswith(HARMEVAL_PREFIX):
+        return load_harmeval(name[len(HARMEVAL_PREFIX):])
+    if name.startswith(JSONL_PREFIX):
+        return load_prompt_file(name[len(JSONL_PREFIX):])
+    return load_dataset("advbench-eval" if name == ADVBENCH else name)
+
+
+def load_harmeval(path: str | Path) -> tuple[Prompt, ...]:
+    """A local copy of HarmEval (JSON, JSONL, CSV or parquet) with columns `Question`
+    and `Topic` (one of its 11 categories); errors name the file and the bad row."""
+    prompts = []
+    for number, row in enumerate(_read_table(path), start=1):
+        question = _field(row, "Question", path, number)
+        topic = _field(row, "Topic", path, number)
+        prompts.append(Prompt(question, topic))
+    if not prompts:
+        raise ValueError(f"{path}: no rows")
+    return tuple(prompts)
+
+
+def load_prompt_file(path: str | Path) -> tuple[Prompt, ...]:
+    """A JSONL file, one `{"prompt": ..., "category": ...}` object a line (category
+    optional)."""
+    prompts = []
+    for number, row in enumerate(_read_table(path, jsonl=True), start=1):
+        category = row.get("category")
+        if category is not None and (not isinstance(category, str) or not category.strip()):
+            raise ValueError(f"{path}: row {number}: 'category' must be a non-empty string "
+                             f"or absent, got {category!r}")
+        prompts.append(Prompt(_field(row, "prompt", path, number), category))
+    if not prompts:
+        raise ValueError(f"{path}: no rows")
+    return tuple(prompts)
+
+
+def stratified_sample(prompts: Sequence[Prompt], *, per_category: int | None = None,
+                      limit: int | None = None, seed: int = 0) -> tuple[int, ...]:
+    """Indices of a seeded sample, in dataset order: at most `per_category` prompts of
+    each category, then at most `limit` in all, taken round-robin over the categories so
+    that each keeps its share."""
+    for key, value in (("per_category", per_category), ("limit", limit)):
+        if value is not None and value < 1:
+            raise ValueError(f"{key} must be at least 1, got {value}")
+    rng = random.Random(seed)
+    by_category: dict[str | None, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        by_category.setdefault(prompt.category, []).append(index)
+    queues = []
+    for category in sorted(by_category, key=lambda c: (c is None, c or "")):
+        indices = by_category[category]
+        rng.shuffle(indices)
+        queues.append(indices[:per_category])
+    chosen: list[int] = []
+    for rank in range(max(map(len, queues), default=0)):
+        chosen.extend(queue[rank] for queue in queues if rank < len(queue))
+    return tuple(sorted(chosen[:limit]))
+
+
+def prompts_sha256(prompts: Iterable[Prompt]) -> str:
+    """Identity of a prompt set (texts and categories, in order), for reports."""
+    digest = hashlib.sha256()
+    for prompt in prompts:
+        digest.update(json.dumps([prompt.text, prompt.category]).encode())
+    return digest.hexdigest()
+
+
+def _read_table(path: str | Path, *, jsonl: bool = False) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        rows = _parquet_rows(path)
+    else:
+        try:
+            if suffix == ".csv":
+                with path.open(encoding="utf-8", newline="") as handle:
+                    rows = list(csv.DictReader(handle))
+            else:
+                text = path.read_text(encoding="utf-8")
+                rows = _json_rows(text, path, jsonl or suffix == ".jsonl")
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise ValueError(f"{path}: cannot read: {exc}") from exc
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: row {number} is not an object: {row!r}")
+    return rows
+
+
+def _parquet_rows(path: Path) -> list:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, OSError) as exc:
+        raise ValueError(f"{path}: cannot read as parquet: {exc}") from exc
+
+
+def _json_rows(text: str, path: Path, jsonl: bool) -> list:
+    if not jsonl:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            jsonl = True  # a .json file written by `datasets` is one object a line
+        else:
+            if not isinstance(data, list):
+                raise ValueError(f"{path}: expected a JSON list of objects")
+            return data
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: line {number} is not JSON: {exc}") from exc
+    return rows
+
+
+def _field(row: dict[str, Any], column: str, path: str | Path, number: int) -> str:
+    if column not in row:
+        raise ValueError(f"{path}: row {number} has no column {column!r} "
+                         f"(columns: {sorted(row)})")
+    value = row[column]
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{path}: row {number}: {column!r} must be a non-empty string, "
+                         f"got {value!r}")
+    return value

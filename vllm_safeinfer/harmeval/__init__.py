@@ -1,0 +1,1 @@
+"""HarmEval-style evaluation: judges, degeneration check, runs and reports."""

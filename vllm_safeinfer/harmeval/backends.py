@@ -1,0 +1,235 @@
+"""Where responses come from: a vLLM engine in this process, a running OpenAI-compatible
+server, or engines in Ray actors. All three take the same requests (the user turn and its
+per-request `safeinfer_*` options) and report each response as soon as it finishes, so a
+run that stops half-way keeps what it finished."""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from vllm_safeinfer.harmeval.http import RetriesExhausted, api_url, post_json
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt at one point: `prompt` is the user turn of the chat template."""
+
+    request_id: str
+    prompt: str
+    extra_args: Mapping[str, object] = field(default_factory=dict)
+    max_tokens: int = 256
+    temperature: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Generation:
+    request_id: str
+    text: str
+    finish_reason: str | None
+    num_tokens: int
+
+
+OnDone = Callable[[Generation], None]
+
+
+class GenerationError(RuntimeError):
+    """A request was refused or failed: the run stops, keeping what finished."""
+
+
+class Backend(Protocol):
+    def generate(self, requests: Sequence[GenerationRequest], on_done: OnDone) -> None: ...
+
+
+def request_seed(seed: int, request_id: str) -> int:
+    """A per-request sampling seed: the same wherever and in whatever batch it runs."""
+    digest = hashlib.sha256(f"{seed}|{request_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+class EngineBackend:
+    """A vLLM `LLM` in this process: every request enters the engine at once (one
+    continuous batch, whatever the points), and finished ones are reported step by step.
+    A failure aborts the rest, leaving the engine usable."""
+
+    def __init__(self, llm) -> None:
+        self.llm = llm
+
+    def generate(self, requests: Sequence[GenerationRequest], on_done: OnDone) -> None:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from vllm_safeinfer.models import chat_prompt_ids
+
+        engine = self.llm.llm_engine
+        token_ids = chat_prompt_ids(self.llm.get_tokenizer(), [r.prompt for r in requests])
+        added: dict[str, str] = {}
+        try:
+            for request, ids in zip(requests, token_ids):
+                params = SamplingParams(max_tokens=request.max_tokens,
+                                        temperature=request.temperature, seed=request.seed,
+                                        extra_args=dict(request.extra_args) or None)
+                try:
+                    internal = engine.add_request(request.request_id,
+                                                  TokensPrompt(prompt_token_ids=ids), params)
+                except ValueError as exc:
+                    raise GenerationError(f"request {request.request_id!r} refused: {exc}") from exc
+                added[internal] = request.request_id
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if not output.finished:
+                        continue
+                    request_id = added.pop(output.request_id, output.request_id)
+                    completion = output.outputs[0]
+                    on_done(Generation(request_id, completion.text, completion.finish_reason,
+                                       len(completion.token_ids)))
+        finally:
+            if added:
+                engine.abort_request(list(added), internal=True)
+
+
+class EndpointBackend:
+    """A running OpenAI-compatible server (`safeinfer serve`, vLLM, or anyone's):
+    `/v1/chat/completions` with the options in `vllm_xargs`, `concurrency` requests in
+    flight. A 4xx answer stops the run with the server's message."""
+
+    def __init__(self, base_url: str, served_model: str, *, api_key: str | None = None,
+                 concurrency: int = 16, timeout_s: float = 600.0, max_retries: int = 3,
+                 backoff_s: float = 1.0) -> None:
+        self.url = api_url(base_url, "/chat/completions")
+        self.served_model = served_model
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.concurrency = concurrency
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+
+    def generate(self, requests: Sequence[GenerationRequest], on_done: OnDone) -> None:
+        import httpx
+
+        with httpx.Client(timeout=self.timeout_s, headers=self.headers) as client, \
+                ThreadPoolExecutor(self.concurrency) as pool:
+            futures = [pool.submit(self._one, client, request) for request in requests]
+            try:
+                for future in as_completed(futures):
+                    on_done(future.result())
+            finally:
+                for future in futures:
+                    future.cancel()
+
+    def _one(self, client, request: GenerationRequest) -> Generation:
+        body: dict[str, Any] = {
+            "model": self.served_model,
+            "messages": [{"role": "user", "content": request.prompt}],
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "seed": request.seed,
+        }
+        if request.extra_args:
+            body["vllm_xargs"] = dict(request.extra_args)
+        try:
+            response = post_json(client, self.url, body, max_retries=self.max_retries,
+                                 backoff_s=self.backoff_s)
+        except RetriesExhausted as exc:
+            raise GenerationError(str(exc)) from exc
+        if response.status_code != 200:
+            raise GenerationError(f"{self.url} refused request {request.request_id!r} "
+                                  f"(HTTP {response.status_code}): {response.text[:1000]}")
+        answer = response.json()
+        choice = answer["choices"][0]
+        return Generation(request.request_id, choice["message"].get("content") or "",
+                          choice.get("finish_reason"),
+                          int((answer.get("usage") or {}).get("completion_tokens") or 0))
+
+
+class RayBackend:
+    """Engines in Ray actors, each a single-process vLLM engine (vLLM's CPU platform
+    refuses its own Ray executor); requests are dealt out in chunks, and each finished
+    chunk is reported as it arrives. Connects to the cluster at `address`, or starts a
+    local Ray when none is running and no address is given. On a cluster with GPUs each
+    actor takes one GPU."""
+
+    def __init__(self, llm_kwargs: Mapping[str, Any], *, workers: int,
+                 address: str | None = None, chunk_size: int = 64) -> None:
+        if workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {workers}")
+        self.llm_kwargs = dict(llm_kwargs)
+        self.workers = workers
+        self.address = address
+        self.chunk_size = chunk_size
+
+    def generate(self, requests: Sequence[GenerationRequest], on_done: OnDone) -> None:
+        import ray
+
+        with _ray_session(self.address):
+            gpus = ray.cluster_resources().get("GPU", 0)
+            actor_class = ray.remote(_EngineActor).options(
+                num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0,
+                runtime_env={"env_vars": _engine_env()})
+            actors = [actor_class.remote(self.llm_kwargs) for _ in range(self.workers)]
+            try:
+                self._deal(actors, list(requests), on_done)
+            finally:
+                for actor in actors:
+                    ray.kill(actor)
+
+    def _deal(self, actors: list, requests: list[GenerationRequest], on_done: OnDone) -> None:
+        import ray
+
+        size = max(1, min(self.chunk_size, -(-len(requests) // len(actors))))
+        chunks = [requests[i:i + size] for i in range(0, len(requests), size)]
+        running = {}
+        for actor in actors:
+            if chunks:
+                running[actor.generate.remote(chunks.pop(0))] = actor
+        while running:
+            [ready], _ = ray.wait(list(running))
+            actor = running.pop(ready)
+            try:
+                generations = ray.get(ready)
+            except ray.exceptions.RayTaskError as exc:
+                raise GenerationError(f"a Ray engine worker failed: {exc}") from exc
+            for generation in generations:
+                on_done(generation)
+            if chunks:
+                running[actor.generate.remote(chunks.pop(0))] = actor
+
+
+class _EngineActor:
+    """Hosts one engine in a Ray worker process."""
+
+    def __init__(self, llm_kwargs: Mapping[str, Any]) -> None:
+        from vllm import LLM
+
+        self.backend = EngineBackend(LLM(**llm_kwargs))
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        done: list[Generation] = []
+        self.backend.generate(requests, done.append)
+        return done
+
+
+@contextmanager
+def _ray_session(address: str | None) -> Iterator[None]:
+    """Use the running Ray of this process, else connect (or start a local one) and
+    shut it down afterwards."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(address=address, runtime_env={"env_vars": _engine_env()}, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _engine_env() -> dict[str, str]:
+    """vLLM's settings of this process, for the engines in the actors."""
+    return {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}
