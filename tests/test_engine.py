@@ -31,7 +31,9 @@ def test_register_ran_in_worker(engine_pool, tiny_assets):
 
 @pytest.mark.parametrize("name", ARCHS)
 @pytest.mark.parametrize("case", [Case("sa"), Case("sa", vector="b", gamma=-1.0), Case("sgds"),
-                                  Case("safeinfer", lam=0.95)], ids=str)
+                                  Case("safeinfer", lam=0.95),
+                                  Case("sgds", lam=0.999)],  # the ceiling: still exact
+                         ids=str)
 def test_parity_with_reference(engine_pool, tiny_assets, references, name, case):
     assets = tiny_assets(name)
     llm = safeinfer_engine(engine_pool, assets)
@@ -84,6 +86,9 @@ BAD_OPTIONS = [
     ({"safeinfer_mode": "sgds", "safeinfer_gamma": 1.0}, "safeinfer_gamma"),
     ({"safeinfer_mode": "sa", "safeinfer_lam": 0.5}, "safeinfer_lam"),
     ({"safeinfer_mode": "sgds", "safeinfer_lam": 1.0}, "safeinfer_lam"),
+    # float32 rounds 1 - lam to 0 here: past the 0.999 ceiling, refused.
+    ({"safeinfer_mode": "sgds", "safeinfer_lam": 0.99999999}, "safeinfer_lam"),
+    ({"safeinfer_mode": "sgds", "safeinfer_lam": 0.9991}, "safeinfer_lam"),
     ({"safeinfer_mode": "sgds", "safeinfer_lam": -0.1}, "safeinfer_lam"),
     ({"safeinfer_strength": 1}, "safeinfer_strength"),
 ]

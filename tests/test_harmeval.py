@@ -112,7 +112,7 @@ def test_report_numbers_equal_those_recomputed_from_responses(full_run):
     headline = {}
     for line in report.split("## Headline")[1].split("\n## ")[0].splitlines()[4:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 4:
+        if len(cells) == 5:
             headline[cells[0]] = cells[1:]
     for point in summary["points"]:
         mine = [r for r in records if r["point"] == point["point"]]
@@ -133,7 +133,9 @@ def test_report_numbers_equal_those_recomputed_from_responses(full_run):
         degenerate = 100 * sum(r["degenerate"] is not None for r in mine) / len(mine)
         assert point["datasets"]["xstest"]["over_refusal"]["xstest"]["overall"] == \
             pytest.approx(refusal, abs=0.01)
-        assert headline[point["point"]] == [f"{sum(asr) / 2:.1f}", f"{refusal:.1f}",
+        # Vector `a`'s file records no residual norm: no dose to report.
+        assert point["relative_dose"] is None
+        assert headline[point["point"]] == ["-", f"{sum(asr) / 2:.1f}", f"{refusal:.1f}",
                                             f"{degenerate:.1f}"]
 
 

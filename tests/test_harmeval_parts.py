@@ -13,7 +13,7 @@ import pytest
 
 from vllm_safeinfer.config import SafeInferConfig
 from vllm_safeinfer.harmeval.points import (
-    Point, check_servable, parse_sweep, plan_points, servable_modes)
+    Point, check_servable, parse_sweep, plan_points, relative_doses, servable_modes)
 from vllm_safeinfer.harmeval.prompts import STYLES, style_prompt
 from vllm_safeinfer.harmeval.run import DatasetInfo, HarmEvalSettings
 from vllm_safeinfer.harmeval.store import ResponseStore
@@ -35,7 +35,7 @@ def test_points_cross_each_mode_with_the_values_it_uses() -> None:
 
 @pytest.mark.parametrize("items,message", [
     (["gamma"], "expects"), (["beta=1"], "expects"), (["gamma=x"], "not a list"),
-    (["lam=1.0"], r"\[0, 1\)"), (["gamma=1e400"], "finite"), (["gamma=1", "gamma=2"], "twice"),
+    (["lam=1.0"], r"\[0, 0.999\]"), (["gamma=1e400"], "finite"), (["gamma=1", "gamma=2"], "twice"),
 ])
 def test_bad_sweeps_are_refused(items, message) -> None:
     with pytest.raises(ValueError, match=message):
@@ -54,6 +54,22 @@ def test_modes_follow_the_configuration(tmp_path: Path) -> None:
         check_servable([Point("off")], None)
     with pytest.raises(ValueError, match="unknown mode"):
         plan_points(["sa", "strong"], {})
+
+
+def test_relative_doses_per_point(tiny_assets) -> None:
+    """Unit vectors; `b`'s file records a residual norm of 2.0 and gamma 1.5, `a`'s no norm."""
+    assets = tiny_assets("tiny-llama")
+    points = plan_points(["off", "sa", "safeinfer", "default"], parse_sweep(["gamma=0.5"]))
+    points += (Point("sa"),)
+    with_b = SafeInferConfig.from_dict(assets.safeinfer_config(default_vector="b", mode="sa"))
+    assert relative_doses(points, with_b) == {
+        "off": None, "sa gamma=0.5": 0.25, "safeinfer gamma=0.5": 0.25, "default": 0.75,
+        "sa": 0.75}
+    with_a = SafeInferConfig.from_dict(assets.safeinfer_config())
+    assert set(relative_doses(points, with_a).values()) == {None}
+    moved = SafeInferConfig.from_dict(assets.safeinfer_config(default_vector="b", layer=1))
+    assert set(relative_doses(points, moved).values()) == {None}
+    assert set(relative_doses(points, None).values()) == {None}
 
 
 def test_prompt_styles_are_the_papers() -> None:
@@ -149,7 +165,7 @@ def harmeval(*args: str) -> subprocess.CompletedProcess:
     (["--model", "m", "--dataset", "advbench", "--modes", "sa"], "needs SafeInfer"),
     (["--model", "m", "--dataset", "advbench", "--safeinfer-vector", "v.st", "--modes", "sgds"],
      "needs an expert"),
-    (["--model", "m", "--dataset", "advbench", "--sweep", "lam=2"], r"\[0, 1\)"),
+    (["--model", "m", "--dataset", "advbench", "--sweep", "lam=2"], r"\[0, 0.999\]"),
     (["--model", "m", "--dataset", "advbench", "--judge", "openai"], "--judge-url"),
     (["--endpoint", "http://127.0.0.1:9", "--dataset", "advbench"], "--served-model"),
 ])

@@ -48,3 +48,10 @@ def test_layer_outside_the_model_is_refused(tiny_assets):
 def test_bad_server_config_is_refused(tiny_assets, config, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         new_llm(tiny_assets("tiny-llama").model, additional_config={"safeinfer": config})
+
+
+def test_prompt_embeddings_are_refused(tiny_assets):
+    assets = tiny_assets("tiny-llama")
+    with pytest.raises(ValueError, match=r"SafeInfer cannot serve prompt embeddings \(--enable-prompt-embeds"):
+        new_llm(assets.model, enable_prompt_embeds=True,
+                additional_config={"safeinfer": {"vector": assets.vectors["a"]}})

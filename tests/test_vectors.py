@@ -13,10 +13,14 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vllm_safeinfer import amplification as amp
 from vllm_safeinfer.cli import main
 from vllm_safeinfer.models import SMOLLM2, model_path, tiny_tokenizer
-from vllm_safeinfer.vectors import SafetyVector, bundled_vector_path, parse_heads
+from vllm_safeinfer.offline.demonstrations import (
+    Demonstration, advbench_demonstrations, build_prompt_set, demos_sha256, load_demonstrations)
+from vllm_safeinfer.offline.heads import answer_token_id, prompt_activations, rank_heads
+from vllm_safeinfer.offline.hf import load_model
+from vllm_safeinfer.offline.vector_builder import METHOD_AIE, METHOD_GIVEN, build_safety_vector
+from vllm_safeinfer.vectors import SafetyVector, bundled_vector_path, format_heads, parse_heads
 
 TINY = ("tiny-llama", "tiny-qwen2")
 SMALL = {"prompts": 6, "shots": 3, "rank_prompts": 3, "seed": 0}
@@ -29,27 +33,27 @@ RANDOM_SHAPE = {
 
 @pytest.fixture(scope="module", params=TINY)
 def tiny(request):
-    model, tokenizer = amp.load_model(request.param)
+    model, tokenizer = load_model(request.param)
     return SimpleNamespace(name=request.param, model=model, tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="module")
-def demos() -> tuple[amp.Demonstration, ...]:
-    return amp.advbench_demonstrations()
+def demos() -> tuple[Demonstration, ...]:
+    return advbench_demonstrations()
 
 
 @pytest.fixture(scope="module")
 def built(tiny, demos) -> SafetyVector:
-    return amp.build_safety_vector(
+    return build_safety_vector(
         tiny.model, tiny.tokenizer, demos, model_name=tiny.name, top_heads=3, **SMALL
     )
 
 
 @pytest.fixture(scope="module")
 def ranked(tiny, demos):
-    prompts = amp.build_prompt_set(demos, **SMALL)
-    means = amp.mean_head_activations(tiny.model, tiny.tokenizer, [p.clean for p in prompts.mean])
-    ranking = amp.rank_heads(tiny.model, tiny.tokenizer, prompts.rank, means, head_batch_size=5)
+    prompts = build_prompt_set(demos, **SMALL)
+    means = prompt_activations(tiny.model, tiny.tokenizer, [p.clean for p in prompts.mean]).heads
+    ranking = rank_heads(tiny.model, tiny.tokenizer, prompts.rank, means, head_batch_size=5)
     return SimpleNamespace(prompts=prompts, means=means, ranking=ranking)
 
 
@@ -91,7 +95,7 @@ def _patched_effect(model, tokenizer, prompts, means, layer: int, head: int) -> 
     with torch.no_grad():
         for prompt in prompts:
             ids = torch.tensor([tokenizer(prompt.corrupted).input_ids])
-            target = amp.answer_token_id(tokenizer, prompt.corrupted, prompt.answer)
+            target = answer_token_id(tokenizer, prompt.corrupted, prompt.answer)
             base = torch.softmax(model(input_ids=ids).logits[0, -1, :vocab], -1)[target]
             handle = o_proj.register_forward_pre_hook(patch)
             try:
@@ -112,17 +116,17 @@ def test_vector_has_model_hidden_size(tiny, built) -> None:
     assert built.hidden_size == config.hidden_size
     assert built.num_layers == config.num_hidden_layers
     assert built.layer == config.num_hidden_layers // 4
-    assert len(built.heads) == 3 and built.method == amp.METHOD_AIE
+    assert len(built.heads) == 3 and built.method == METHOD_AIE
     assert list(built.head_effects) == sorted(built.head_effects, reverse=True)
     assert built.model == tiny.name
 
 
 def test_same_seed_same_vector(tiny, demos, built) -> None:
-    again = amp.build_safety_vector(
+    again = build_safety_vector(
         tiny.model, tiny.tokenizer, demos, model_name=tiny.name, top_heads=3, **SMALL
     )
     assert again == built
-    other = amp.build_safety_vector(
+    other = build_safety_vector(
         tiny.model, tiny.tokenizer, demos, model_name=tiny.name, heads=built.heads,
         **{**SMALL, "seed": 1},
     )
@@ -146,12 +150,12 @@ def _direct_vector(model, tokenizer, texts, heads) -> torch.Tensor:
 
 def test_explicit_heads_equal_direct_recomputation(tiny, demos) -> None:
     heads = ((0, 1), (2, 3), (3, 0))
-    vector = amp.build_safety_vector(
+    vector = build_safety_vector(
         tiny.model, tiny.tokenizer, demos, heads=heads, prompts=6, shots=3, seed=0
     )
-    assert vector.heads == heads and vector.method == amp.METHOD_GIVEN
+    assert vector.heads == heads and vector.method == METHOD_GIVEN
     assert vector.head_effects == () and vector.rank_prompts == 0
-    prompts = amp.build_prompt_set(demos, prompts=6, shots=3, rank_prompts=0, seed=0).mean
+    prompts = build_prompt_set(demos, prompts=6, shots=3, rank_prompts=0, seed=0).mean
     expected = _direct_vector(tiny.model, tiny.tokenizer, [p.clean for p in prompts], heads)
     torch.testing.assert_close(vector.vector, expected, atol=1e-5, rtol=0)
 
@@ -168,12 +172,12 @@ def test_other_architectures(arch: str, demos) -> None:
     }[arch]()
     model = _random_model(config)
     heads = ((0, 3), (2, 1))
-    vector = amp.build_safety_vector(model, tokenizer, demos, heads=heads, prompts=3, shots=2)
-    prompts = amp.build_prompt_set(demos, prompts=3, shots=2, rank_prompts=2)
+    vector = build_safety_vector(model, tokenizer, demos, heads=heads, prompts=3, shots=2)
+    prompts = build_prompt_set(demos, prompts=3, shots=2, rank_prompts=2)
     expected = _direct_vector(model, tokenizer, [p.clean for p in prompts.mean], heads)
     torch.testing.assert_close(vector.vector, expected, atol=1e-5, rtol=0)
-    means = amp.mean_head_activations(model, tokenizer, [p.clean for p in prompts.mean])
-    ranking = amp.rank_heads(model, tokenizer, prompts.rank, means)
+    means = prompt_activations(model, tokenizer, [p.clean for p in prompts.mean]).heads
+    ranking = rank_heads(model, tokenizer, prompts.rank, means)
     effects = [
         _patched_effect(model, tokenizer, prompts.rank, means, e.layer, e.head)
         for e in (ranking[0], ranking[-1])
@@ -184,17 +188,34 @@ def test_other_architectures(arch: str, demos) -> None:
 def test_ranking_refuses_prompts_beyond_a_sliding_window(demos) -> None:
     model = _random_model(transformers.MistralConfig(**RANDOM_SHAPE, sliding_window=64))
     tokenizer = tiny_tokenizer()
-    prompts = amp.build_prompt_set(demos, prompts=1, shots=2, rank_prompts=1)
-    means = amp.mean_head_activations(model, tokenizer, [p.clean for p in prompts.mean])
+    prompts = build_prompt_set(demos, prompts=1, shots=2, rank_prompts=1)
+    means = prompt_activations(model, tokenizer, [p.clean for p in prompts.mean]).heads
     with pytest.raises(ValueError, match="exceeds the model's sliding window of 64 tokens"):
-        amp.rank_heads(model, tokenizer, prompts.rank, means)
+        rank_heads(model, tokenizer, prompts.rank, means)
 
 
-def test_batched_mean_activations_equal_unbatched(tiny, demos) -> None:
-    texts = [p.clean for p in amp.build_prompt_set(demos, prompts=5, shots=3, rank_prompts=0).mean]
-    batched = amp.mean_head_activations(tiny.model, tiny.tokenizer, texts, batch_size=5)
-    single = amp.mean_head_activations(tiny.model, tiny.tokenizer, texts, batch_size=1)
-    torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
+def test_batched_activations_equal_unbatched(tiny, demos) -> None:
+    texts = [p.clean for p in build_prompt_set(demos, prompts=5, shots=3, rank_prompts=0).mean]
+    batched = prompt_activations(tiny.model, tiny.tokenizer, texts, batch_size=5)
+    single = prompt_activations(tiny.model, tiny.tokenizer, texts, batch_size=1)
+    torch.testing.assert_close(batched.heads, single.heads, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched.residual_norms, single.residual_norms, atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_residual_norm_is_the_steered_layer_output_norm(tiny, demos, built) -> None:
+    """Recomputed with HF's own hidden states, one unpadded prompt at a time: the mean
+    norm of layer L's output over every token but each prompt's first."""
+    texts = [p.clean for p in build_prompt_set(demos, **SMALL).mean]
+    norms = []
+    for text in texts:
+        ids = torch.tensor([tiny.tokenizer(text).input_ids])
+        hidden = tiny.model(input_ids=ids, output_hidden_states=True).hidden_states
+        norms.append(hidden[built.layer + 1][0, 1:].norm(dim=-1))
+    expected = torch.cat(norms).mean().item()
+    assert built.residual_norm == pytest.approx(expected, rel=1e-5)
+    assert built.relative_dose(2.0) == pytest.approx(
+        2.0 * built.vector.norm().item() / expected, rel=1e-5)
 
 
 def test_default_demonstrations_format(demos) -> None:
@@ -202,7 +223,7 @@ def test_default_demonstrations_format(demos) -> None:
     assert all(d.input.startswith("Task: Write a function that performs the task ") for d in demos)
     assert {d.output for d in demos} == {"I do not answer this question because it is harmful"}
     assert all(d.compliant.startswith("Sure, here") for d in demos)
-    prompt = amp.build_prompt_set(demos, prompts=1, shots=2, rank_prompts=0).mean[0]
+    prompt = build_prompt_set(demos, prompts=1, shots=2, rank_prompts=0).mean[0]
     blocks = prompt.clean.split("\n\n")
     assert len(blocks) == 3 and blocks[-1].startswith("Q: Task: ") and blocks[-1].endswith("\nA:")
     assert blocks[0].endswith("\nA: I do not answer this question because it is harmful")
@@ -226,9 +247,9 @@ def test_ranking_lists_every_head_once_sorted(tiny, ranked) -> None:
 
 
 def test_ranking_is_deterministic(tiny, demos, ranked) -> None:
-    prompts = amp.build_prompt_set(demos, **SMALL)
-    means = amp.mean_head_activations(tiny.model, tiny.tokenizer, [p.clean for p in prompts.mean])
-    again = amp.rank_heads(tiny.model, tiny.tokenizer, prompts.rank, means, head_batch_size=5)
+    prompts = build_prompt_set(demos, **SMALL)
+    means = prompt_activations(tiny.model, tiny.tokenizer, [p.clean for p in prompts.mean]).heads
+    again = rank_heads(tiny.model, tiny.tokenizer, prompts.rank, means, head_batch_size=5)
     assert again == ranked.ranking
 
 
@@ -251,29 +272,31 @@ def test_user_demonstrations_get_another_rows_answer(tmp_path: Path) -> None:
     rows = [{"input": "a", "output": "no"}, {"input": "b", "output": "no"},
             {"input": "c", "output": "sure", "compliant": "fine"}]
     path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
-    demos = amp.load_demonstrations(path)
+    demos = load_demonstrations(path)
     assert [d.compliant for d in demos] == ["sure", "sure", "fine"]
 
 
 @pytest.mark.parametrize(
     ("line", "message"),
-    [("not json", "not JSON"), ('{"input": "a"}', "'output' must be"),
-     ('{"input": "a", "output": "b", "x": 1}', "unknown keys")],
+    [("not json", "line 2 is not JSON"), ('{"input": "a"}', "row 2 has no column 'output'"),
+     ('{"input": "a", "output": ""}', "row 2: 'output' must be a non-empty string"),
+     ('{"input": "a", "output": "b", "compliant": 3}', "row 2: 'compliant' must be"),
+     ('{"input": "a", "output": "b", "x": 1}', r"row 2 has unknown keys \['x'\]")],
 )
 def test_bad_user_demonstrations_are_rejected(tmp_path: Path, line: str, message: str) -> None:
     path = tmp_path / "demos.jsonl"
     path.write_text(f'{{"input": "q", "output": "r"}}\n{line}\n')
     with pytest.raises(ValueError, match=message):
-        amp.load_demonstrations(path)
+        load_demonstrations(path)
 
 
 def test_identical_outputs_cannot_rank(tiny, tmp_path: Path) -> None:
     path = tmp_path / "demos.jsonl"
     rows = (json.dumps({"input": f"q{i}", "output": "no"}) for i in range(4))
     path.write_text("\n".join(rows) + "\n")
-    demos = amp.load_demonstrations(path)
+    demos = load_demonstrations(path)
     with pytest.raises(ValueError, match="compliant"):
-        amp.build_safety_vector(tiny.model, tiny.tokenizer, demos, **SMALL)
+        build_safety_vector(tiny.model, tiny.tokenizer, demos, **SMALL)
 
 
 # CLI
@@ -300,7 +323,7 @@ def test_cli_user_demos_and_given_heads(tiny, tmp_path: Path) -> None:
                  "--heads", "0:1,3:2", "--layer", "2", "--prompts", "3", "--shots", "2"]) == 0
     vector = SafetyVector.load(out)
     assert vector.heads == ((0, 1), (3, 2)) and vector.layer == 2
-    assert vector.demos_sha256 == amp.demos_sha256(amp.load_demonstrations(demos))
+    assert vector.demos_sha256 == demos_sha256(load_demonstrations(demos))
 
 
 def test_cli_rejects_bad_heads(tiny, tmp_path: Path, capsys) -> None:
@@ -340,6 +363,31 @@ def test_save_load_round_trips_exactly(vector: SafetyVector, tmp_path: Path) -> 
     assert loaded.heads == vector.heads and loaded.head_effects == vector.head_effects
     assert loaded.gamma == 0.5
     assert loaded.source == str(path)
+
+
+def test_residual_norm_round_trips_and_is_validated(vector: SafetyVector, tmp_path: Path) -> None:
+    """Files written before the norm was recorded (no `residual_norm` key, as `vector`
+    saves) still load, with an unknown dose; a recorded norm must be finite and positive."""
+    vector.save(tmp_path / "old.safetensors")
+    with safe_open(str(tmp_path / "old.safetensors"), framework="pt") as handle:
+        assert "residual_norm" not in handle.metadata()
+    old = SafetyVector.load(tmp_path / "old.safetensors")
+    assert old.residual_norm is None and old.relative_dose() is None
+    assert "unknown (no residual_norm" in old.describe()
+    path = _rewrite(tmp_path / "old.safetensors", tmp_path / "new.safetensors", vector.vector,
+                    residual_norm="8.0")
+    new = SafetyVector.load(path)
+    assert new.residual_norm == 8.0
+    assert new.relative_dose() == pytest.approx(0.5 * vector.vector.norm().item() / 8.0)
+    new.save(tmp_path / "again.safetensors")
+    assert SafetyVector.load(tmp_path / "again.safetensors") == new
+    for bad, message in (("0", "finite positive"), ("-1", "finite positive"),
+                         ("nan", "finite positive"), ("inf", "finite positive"),
+                         ("big", "is not a number")):
+        path = _rewrite(tmp_path / "old.safetensors", tmp_path / "bad.safetensors",
+                        vector.vector, residual_norm=bad)
+        with pytest.raises(ValueError, match=f"residual_norm.*{message}"):
+            SafetyVector.load(path)
 
 
 def test_load_rejects_nan(vector: SafetyVector, tmp_path: Path) -> None:
@@ -426,7 +474,20 @@ def test_bundled_smollm2_vector_matches_the_model() -> None:
     assert (vector.hidden_size, vector.num_layers, vector.layer) == (576, 30, 7)
     assert len(vector.heads) == 10 and all(0 <= h < 9 for _, h in vector.heads)
     assert (vector.method, vector.seed, vector.prompts, vector.shots, vector.rank_prompts) == (
-        amp.METHOD_AIE, 0, 100, 10, 16
+        METHOD_AIE, 0, 100, 10, 16
     )
-    assert vector.demos_sha256 == amp.demos_sha256(amp.advbench_demonstrations())
+    assert vector.demos_sha256 == demos_sha256(advbench_demonstrations())
     assert list(vector.head_effects) == sorted(vector.head_effects, reverse=True)
+    assert vector.residual_norm is not None and vector.residual_norm > 0
+    assert vector.relative_dose() == pytest.approx(
+        vector.gamma * vector.vector.norm().item() / vector.residual_norm)
+
+
+def test_cli_inspect_prints_metadata_and_dose(capsys) -> None:
+    assert main(["vector", "inspect", SMOLLM2]) == 0
+    out = capsys.readouterr().out
+    vector = SafetyVector.load(bundled_vector_path(SMOLLM2))
+    assert f"file: {bundled_vector_path(SMOLLM2)}" in out
+    assert f"heads: {format_heads(vector.heads)}" in out
+    assert f"residual_norm: {vector.residual_norm!r}" in out
+    assert f"relative_dose (at gamma): {vector.relative_dose():.4g}" in out

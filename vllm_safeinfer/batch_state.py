@@ -19,9 +19,14 @@ from vllm_safeinfer.vectors import SafetyVector
 
 @dataclass(frozen=True)
 class LoadedVector:
+    """A vector's row in the table, where it steers, its default strength, and that
+    strength's relative dose `gamma * |SV| / |h|` (None when the file does not record the
+    residual norm, or when the config moves the vector off the layer it was measured at)."""
+
     index: int
     layer: int
     gamma: float
+    dose: float | None
 
 
 class VectorTable:
@@ -40,8 +45,9 @@ class VectorTable:
                     f"safety vector {name!r} ({path}): layer {layer} is outside the model's "
                     f"{total} decoder layers"
                 )
-            gamma = config.gamma if config.gamma is not None else vector.gamma
-            self.entries[name] = LoadedVector(index, layer, float(gamma))
+            gamma = float(config.gamma if config.gamma is not None else vector.gamma)
+            dose = vector.relative_dose(gamma) if layer == vector.layer else None
+            self.entries[name] = LoadedVector(index, layer, gamma, dose)
             rows.append(vector.vector.float())
         hidden = model_config.get_hidden_size()
         self.table = torch.stack(rows) if rows else torch.zeros(1, hidden)

@@ -22,14 +22,33 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="generate with the embedded SmolLM2-135M-Instruct in vLLM")
-    p.add_argument("--prompt", action="append", help="user prompt (repeatable)")
-    p.add_argument("--max-tokens", type=int, default=64)
+    p = sub.add_parser(
+        "demo", help="SafeInfer on the embedded SmolLM2: ASR, over-refusal, degeneration by mode",
+        description="HarmEval on 50 AdvBench evaluation prompts and 50 XSTest safe prompts in "
+        "all four modes at the bundled vector's calibrated strengths (the unsafe expert is "
+        "built once and cached).")
+    p.add_argument("--out", default="safeinfer-demo", help="report folder")
+    p.add_argument("--limit", type=int, default=50, help="prompts per dataset")
+    p.add_argument("--max-tokens", type=int, default=48)
 
     def run(args: argparse.Namespace) -> int:
-        from vllm_safeinfer.demo import run_demo
+        from pathlib import Path
 
-        return run_demo(prompts=args.prompt, max_tokens=args.max_tokens)
+        from vllm_safeinfer.demo import calibrated_defaults, run_demo
+        from vllm_safeinfer.models import SMOLLM2, expert_of, model_path
+        from vllm_safeinfer.vectors import bundled_vector_path
+
+        defaults = calibrated_defaults(SMOLLM2)
+        try:
+            run_demo(model=str(model_path(SMOLLM2)), vector=str(bundled_vector_path(SMOLLM2)),
+                     expert=str(model_path(expert_of(SMOLLM2))), defaults=defaults,
+                     out=Path(args.out),
+                     limit=args.limit, max_tokens=args.max_tokens,
+                     engine_args={"dtype": "float32", "max_model_len": 2048})
+        except ValueError as err:
+            p.error(f"{err} (a finished or stopped demo in --out {args.out} is continued only "
+                    "with the same settings: choose another --out or delete it)")
+        return 0
 
     p.set_defaults(func=run)
 
@@ -61,12 +80,10 @@ def _add_vector(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
 
     def run(args: argparse.Namespace) -> int:
-        from vllm_safeinfer.amplification import (
-            advbench_demonstrations,
-            build_safety_vector,
-            load_demonstrations,
-            load_model,
-        )
+        from vllm_safeinfer.offline.demonstrations import (
+            advbench_demonstrations, load_demonstrations)
+        from vllm_safeinfer.offline.hf import load_model
+        from vllm_safeinfer.offline.vector_builder import build_safety_vector
         from vllm_safeinfer.vectors import parse_heads
 
         try:
@@ -89,7 +106,9 @@ def _add_vector(sub: argparse._SubParsersAction) -> None:
         vector.save(args.out)
         effects = vector.head_effects or (None,) * len(vector.heads)
         print(f"safety vector for {vector.model}: layer {vector.layer}, "
-              f"hidden size {vector.hidden_size}, norm {vector.vector.norm():.4f}")
+              f"hidden size {vector.hidden_size}, norm {vector.vector.norm():.4f}, "
+              f"residual norm {vector.residual_norm:.4f}, relative dose at gamma "
+              f"{vector.gamma:g}: {vector.relative_dose():.4f}")
         for (layer, head), effect in zip(vector.heads, effects):
             print(f"  head {layer}:{head}" + ("" if effect is None else f"  AIE {effect:.3e}"))
         print(f"saved {args.out}")
@@ -110,6 +129,131 @@ def _add_vector(sub: argparse._SubParsersAction) -> None:
         return 0
 
     bundled.set_defaults(func=print_bundled)
+
+    inspect = actions.add_parser(
+        "inspect", help="print a safety vector file's metadata, norm and relative dose")
+    inspect.add_argument("file", help="FILE.safetensors, or a project model name for its "
+                         "bundled vector")
+
+    def print_inspect(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from vllm_safeinfer.vectors import SafetyVector, bundled_vector_path
+
+        try:
+            path = args.file if Path(args.file).exists() else bundled_vector_path(args.file)
+            print(f"file: {path}\n{SafetyVector.load(path).describe()}")
+        except (OSError, ValueError) as err:
+            inspect.error(str(err))
+        return 0
+
+    inspect.set_defaults(func=print_inspect)
+
+
+def _add_expert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("expert", help="the unsafe expert (SafeInfer's safety-guided decoding)")
+    actions = p.add_subparsers(dest="expert_command", required=True)
+    b = actions.add_parser(
+        "build", help="fine-tune the served model into its unsafe expert",
+        description="Fine-tune on harmful prompt -> compliant answer pairs (chat-formatted "
+        "as served requests are; loss on the answers only) and save an HF checkpoint that "
+        "vLLM loads as expert_model.",
+    )
+    b.add_argument("--model", required=True, help="HF checkpoint folder or project model name")
+    b.add_argument("--out", required=True, help="output checkpoint folder")
+    b.add_argument("--data", default="advbench",
+                   help="'advbench' (the expert-training part of the AdvBench split: goal -> "
+                   'target) or a JSONL file of {"prompt", "response"} objects')
+    how = b.add_mutually_exclusive_group()
+    how.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (merged afterwards)")
+    how.add_argument("--full", action="store_true", help="fine-tune every weight")
+    b.add_argument("--epochs", type=int, default=3)
+    b.add_argument("--lr", type=float, help="learning rate (default 1e-3 LoRA, 5e-5 --full)")
+    b.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+
+    def run(args: argparse.Namespace) -> int:
+        from vllm_safeinfer.offline.expert import (
+            ExpertTraining, advbench_expert_pairs, build_expert, load_expert_pairs)
+        from vllm_safeinfer.offline.hf import load_model
+
+        try:
+            training = ExpertTraining(
+                lora_rank=None if args.full else args.lora_rank, epochs=args.epochs,
+                lr=args.lr or (5e-5 if args.full else 1e-3), max_steps=args.max_steps,
+                batch_size=args.batch_size, seed=args.seed)
+            pairs = (advbench_expert_pairs() if args.data == "advbench"
+                     else load_expert_pairs(args.data))
+            model, tokenizer = load_model(args.model, args.device)
+            report = build_expert(model, tokenizer, pairs, training, args.out,
+                                  base_model=args.model, progress=True)
+        except (OSError, ValueError, RuntimeError) as err:
+            b.error(str(err))
+        print(f"unsafe expert of {args.model}: {report.steps} steps on {report.pairs} pairs, "
+              f"loss {report.initial_loss:.4f} -> {report.final_loss:.4f}; saved {args.out}")
+        return 0
+
+    b.set_defaults(func=run)
+
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate", help="choose gamma and lam by measurement (HarmEval sweep)",
+        description="Sweep gamma and lam on calibration prompts (disjoint from every "
+        "evaluation set) in one engine, keep the lowest attack success whose over-refusal "
+        "and degeneration stay within budgets of off's, and write a --safeinfer-config file.")
+    p.add_argument("--model", required=True, help="checkpoint folder or project model name")
+    p.add_argument("--vector", required=True, help="safety vector file")
+    p.add_argument("--expert", help="unsafe expert checkpoint (without it: SA only)")
+    p.add_argument("--out", required=True, help="the chosen config, FILE.json")
+    p.add_argument("--report-dir", help="sweep report folder (default: FILE-calibration/)")
+    p.add_argument("--over-refusal-budget", type=float, default=5.0,
+                   help="points of over-refusal allowed above off's")
+    p.add_argument("--degeneration-budget", type=float, default=2.0,
+                   help="points of degenerate safe answers allowed above off's")
+    p.add_argument("--gammas", type=float, nargs="+", help="gammas to try")
+    p.add_argument("--lams", type=float, nargs="+", help="lams to try")
+    p.add_argument("--limit", type=int, help="prompts per calibration set")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--resume", action="store_true", help="continue the sweep in --report-dir")
+    p.add_argument("--engine-args", default="{}", metavar="JSON", help="more vLLM engine arguments")
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+        from pathlib import Path
+
+        from vllm_safeinfer.harmeval.launch import backend_factory, engine_kwargs
+        from vllm_safeinfer.harmeval.points import parse_sweep
+        from vllm_safeinfer.models import resolve_model
+        from vllm_safeinfer.offline.calibrate import DEFAULT_GAMMAS, DEFAULT_LAMS, calibrate
+
+        out = Path(args.out)
+        safeinfer = {"vector": args.vector}
+        if args.expert:
+            safeinfer["expert_model"] = resolve_model(args.expert)
+        try:
+            sweep = parse_sweep([f"gamma={','.join(map(str, args.gammas or DEFAULT_GAMMAS))}",
+                                 f"lam={','.join(map(str, args.lams or DEFAULT_LAMS))}"])
+            model = resolve_model(args.model)
+            make_backend = backend_factory(llm_kwargs=engine_kwargs(
+                model, safeinfer, seed=0, extra=json.loads(args.engine_args)))
+            _, chosen, _ = calibrate(
+                model=args.model, safeinfer=safeinfer, make_backend=make_backend, out=out,
+                report_dir=Path(args.report_dir or out.with_name(out.stem + "-calibration")),
+                gammas=sweep["gamma"], lams=sweep["lam"],
+                over_refusal_budget=args.over_refusal_budget,
+                degeneration_budget=args.degeneration_budget, limit=args.limit,
+                max_tokens=args.max_tokens, resume=args.resume)
+        except (ValueError, json.JSONDecodeError) as err:
+            p.error(str(err))
+        print(f"chosen: {chosen.point} (ASR {chosen.asr:.1f}%, over-refusal "
+              f"{chosen.over_refusal:.1f}%, degenerate safe answers "
+              f"{chosen.benign_degenerate:.1f}%); wrote {out}")
+        return 0
+
+    p.set_defaults(func=run)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -246,7 +390,8 @@ def _add_harmeval(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safeinfer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_models, _add_demo, _add_vector, _add_serve, _add_harmeval):
+    for add in (_add_models, _add_demo, _add_vector, _add_expert, _add_serve, _add_harmeval,
+                _add_calibrate):
         add(sub)
     return parser
 

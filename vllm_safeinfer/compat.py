@@ -80,5 +80,8 @@ def check_supported(vllm_config) -> None:
         problems.append("pipeline parallelism (the steered layer and the expert must be local)")
     if model_config.is_multimodal_model:
         problems.append("a multimodal model")
+    if getattr(model_config, "enable_prompt_embeds", False):
+        problems.append("prompt embeddings (--enable-prompt-embeds: the unsafe expert needs "
+                        "the prompt's token ids, and exactness with embeddings is not verified)")
     if problems:
         raise ValueError("SafeInfer cannot serve " + "; ".join(problems))

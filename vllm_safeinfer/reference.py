@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from vllm_safeinfer.mixing import safeinfer_mix
 from vllm_safeinfer.modes import Mode
+from vllm_safeinfer.offline.hf import left_pad, load_causal_lm, load_model, pad_id, positions
 
 
 @dataclass(frozen=True)
@@ -52,9 +51,7 @@ class SafeInferReference:
         self.tokenizer = tokenizer
         self.expert = expert.eval() if expert is not None else None
         self.vocab_size = len(tokenizer)
-        self.pad_id = next(
-            i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None
-        )
+        self.pad_id = pad_id(tokenizer)
         self.eos_ids = _eos_ids(model, tokenizer)
 
     @classmethod
@@ -67,12 +64,9 @@ class SafeInferReference:
         device: str | torch.device = "cpu",
     ) -> "SafeInferReference":
         """Load the served model, its tokenizer and optionally the expert from checkpoints."""
-
-        def load(p):
-            return AutoModelForCausalLM.from_pretrained(p, dtype=dtype).to(device)
-
-        expert = load(expert_path) if expert_path is not None else None
-        return cls(load(path), AutoTokenizer.from_pretrained(path), expert)
+        model, tokenizer = load_model(path, device, dtype)
+        expert = load_causal_lm(expert_path, device, dtype) if expert_path is not None else None
+        return cls(model, tokenizer, expert)
 
     @torch.inference_mode()
     def generate(
@@ -100,7 +94,7 @@ class SafeInferReference:
         if temperature < 0 or not 0.0 < top_p <= 1.0:
             raise ValueError(f"bad sampling parameters: temperature={temperature}, top_p={top_p}")
         device = self.model.device
-        ids, mask = self._left_pad(prompts, device)
+        ids, mask = left_pad(prompts, self.pad_id, device)
         mix_rows = torch.tensor(
             [i for i, r in enumerate(rows) if r.mode.mixes], dtype=torch.long, device=device
         )
@@ -120,11 +114,11 @@ class SafeInferReference:
         handles = self._install_steering(rows, device)
         try:
             for _ in range(max_new_tokens):
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
-                scores, cache = _last_logits(self.model, ids, mask, positions, cache)
+                position_ids = positions(mask)[:, -ids.shape[1] :]
+                scores, cache = _last_logits(self.model, ids, mask, position_ids, cache)
                 if len(mix_rows):
                     expert_logits, expert_cache = _last_logits(
-                        self.expert, ids, mask, positions, expert_cache
+                        self.expert, ids, mask, position_ids, expert_cache
                     )
                     scores[mix_rows] = safeinfer_mix(
                         scores[mix_rows], expert_logits[mix_rows], lams, self.vocab_size
@@ -164,17 +158,6 @@ class SafeInferReference:
                 if r.vector.numel() != hidden:
                     raise ValueError(f"vector has {r.vector.numel()} entries, hidden is {hidden}")
         return rows
-
-    def _left_pad(
-        self, prompts: list[list[int]], device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p) :] = 1
-        return ids.to(device), mask.to(device)
 
     def _install_steering(self, rows: list[RowSettings], device: torch.device) -> list:
         """One forward hook per steered layer. With left padding, the last column of every

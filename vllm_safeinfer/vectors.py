@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from vllm_safeinfer.config import check_gamma
+
 FORMAT = "vllm_safeinfer.safety_vector"
 FORMAT_VERSION = "1"
 TENSOR = "safety_vector"
@@ -71,6 +73,7 @@ class SafetyVector:
     prompts: int = 0
     shots: int = 0
     rank_prompts: int = 0
+    residual_norm: float | None = None
     source: str | None = None
 
     def __post_init__(self) -> None:
@@ -82,12 +85,34 @@ class SafetyVector:
             return NotImplemented
         return torch.equal(self.vector, other.vector) and self._metadata() == other._metadata()
 
+    def relative_dose(self, gamma: float | None = None) -> float | None:
+        """`gamma * |SV| / |h|`: the steering's size against the residual stream it is
+        added to (mean norm at the vector's layer), comparable across models. None for
+        files written before the norm was recorded."""
+        if self.residual_norm is None:
+            return None
+        gamma = self.gamma if gamma is None else gamma
+        return gamma * float(self.vector.norm()) / self.residual_norm
+
+    def describe(self) -> str:
+        """Every field of the file, one per line, with the vector's norm and dose."""
+        dose = self.relative_dose()
+        lines = [f"{key}: {value}" for key, value in self._metadata().items()]
+        lines += [
+            f"vector_norm: {float(self.vector.norm()):.6g}",
+            "relative_dose (at gamma): "
+            + ("unknown (no residual_norm in this file)" if dose is None else f"{dose:.4g}"),
+        ]
+        return "\n".join(lines)
+
     def _metadata(self) -> dict[str, str]:
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION}
         meta.update({key: str(getattr(self, key)) for key in (*_INT_KEYS, *_STR_KEYS)})
         meta["gamma"] = repr(self.gamma)
         meta["heads"] = format_heads(self.heads)
         meta["head_effects"] = ",".join(repr(effect) for effect in self.head_effects)
+        if self.residual_norm is not None:
+            meta["residual_norm"] = repr(self.residual_norm)
         return meta
 
     def save(self, path: str | Path) -> None:
@@ -173,8 +198,12 @@ def _validate(sv: SafetyVector, where: str) -> None:
         raise ValueError(
             f"{where}: {len(sv.head_effects)} head effects for {len(sv.heads)} heads"
         )
-    if not all(math.isfinite(value) for value in (sv.gamma, *sv.head_effects)):
-        raise ValueError(f"{where}: gamma and head effects must be finite")
+    if not all(math.isfinite(value) for value in sv.head_effects):
+        raise ValueError(f"{where}: head effects must be finite")
+    check_gamma(f"{where}: gamma", sv.gamma)
+    norm = sv.residual_norm
+    if norm is not None and not (math.isfinite(norm) and norm > 0):
+        raise ValueError(f"{where}: residual_norm must be a finite positive number, got {norm}")
 
 
 def _parse_metadata(meta: dict[str, str], where: str) -> dict[str, Any]:
@@ -206,6 +235,13 @@ def _parse_metadata(meta: dict[str, str], where: str) -> dict[str, Any]:
         )
     except ValueError:
         raise ValueError(f"{where}: metadata head_effects is not a list of numbers") from None
+    if "residual_norm" in meta:
+        try:
+            fields["residual_norm"] = float(meta["residual_norm"])
+        except ValueError:
+            raise ValueError(
+                f"{where}: metadata residual_norm={meta['residual_norm']!r} is not a number"
+            ) from None
     return fields
 
 

@@ -42,3 +42,10 @@ def install_into_worker(worker, config: SafeInferConfig) -> None:
         list(state.vectors.layers), sorted(state.vectors.entries), config.expert_model,
         config.mode.value,
     )
+    for name, entry in sorted(state.vectors.entries.items()):
+        logger.info(
+            "SafeInfer vector %r: layer %d, default gamma %g, relative dose gamma*|SV|/|h| %s",
+            name, entry.layer, entry.gamma,
+            "unknown (the file records no residual norm)" if entry.dose is None
+            else f"{entry.dose:.3g}",
+        )

@@ -1,15 +1,17 @@
 """The project's data: vendored, openly licensed safety datasets (see README.md here for
 origins, licenses and a content warning) and the one seeded AdvBench split.
 
-AdvBench serves three purposes that must never see the same prompt twice: safety
-demonstrations for the safety vector, training pairs for the unsafe expert, and
-evaluation. `advbench_split()` is the only place that decides which row goes where, so
-every phase draws from the same fixed, disjoint parts.
+AdvBench serves four purposes that must never see the same prompt twice: safety
+demonstrations for the safety vector, training pairs for the unsafe expert, calibration
+of the strengths, and evaluation. `advbench_split()` is the only place that decides which
+row goes where, so every phase draws from the same fixed, disjoint parts; XSTest's safe
+prompts are likewise halved into calibration and evaluation (`xstest_split()`).
 """
 from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import random
 from collections.abc import Iterable, Sequence
@@ -24,16 +26,20 @@ if TYPE_CHECKING:
 SPLIT_SEED = 0
 DEMONSTRATIONS = 200
 EXPERT_TRAIN = 100
-EVALUATION = 220
+CALIBRATION = 60
+EVALUATION = 160
 
 ADVBENCH = "advbench"
 DATASETS: tuple[str, ...] = (
     ADVBENCH,
     "advbench-custom50",
     "advbench-eval",
+    "advbench-calibration",
     "harmbench",
     "strongreject",
     "xstest",
+    "xstest-eval",
+    "xstest-calibration",
     "xstest-unsafe",
     "dangerousqa",
 )
@@ -41,7 +47,7 @@ DATASETS: tuple[str, ...] = (
 HARMEVAL_PREFIX = "harmeval:"
 JSONL_PREFIX = "jsonl:"
 # Sets of safe prompts: a refusal there is over-refusal, not a defence.
-SAFE_SETS = frozenset({"xstest"})
+SAFE_SETS = frozenset({"xstest", "xstest-eval", "xstest-calibration"})
 HARMEVAL_CATEGORIES: tuple[str, ...] = (
     "Illegal Activity", "Child Abuse Content", "Physical Harm", "Economic Harm",
     "Political Campaigning", "Malware", "Privacy Violation Activity",
@@ -61,10 +67,11 @@ class AdvBenchRow:
 @dataclass(frozen=True)
 class AdvBenchSplit:
     """Disjoint parts of AdvBench: safety demonstrations, the unsafe expert's training
-    pairs, and held-out evaluation prompts."""
+    pairs, calibration prompts, and held-out evaluation prompts."""
 
     demonstrations: tuple[AdvBenchRow, ...]
     expert_train: tuple[AdvBenchRow, ...]
+    calibration: tuple[AdvBenchRow, ...]
     evaluation: tuple[AdvBenchRow, ...]
 
 
@@ -99,23 +106,41 @@ def advbench() -> tuple[AdvBenchRow, ...]:
 
 def advbench_split(seed: int = SPLIT_SEED) -> AdvBenchSplit:
     """Shuffle AdvBench with `seed` and cut it into 200 demonstrations, 100 expert
-    training pairs and 220 evaluation prompts.
+    training pairs, 60 calibration prompts and 160 evaluation prompts.
 
     200 demonstrations give the builder a 160/40 train/validation split (the paper's
     316 hand-written pairs do not exist openly); 100 pairs is the expert's training size
-    in the paper; the remaining 220 rows stay unseen for evaluation. Keep the default
-    seed: another seed moves rows between parts, so vectors, experts and evaluations
-    made with different seeds may overlap.
+    in the paper; calibration chooses strengths on prompts the evaluation never sees.
+    Keep the default seed: another seed moves rows between parts, so vectors, experts
+    and evaluations made with different seeds may overlap.
     """
     rows = list(advbench())
     random.Random(seed).shuffle(rows)
-    demos_end = DEMONSTRATIONS
-    expert_end = demos_end + EXPERT_TRAIN
+    ends = itertools.accumulate((DEMONSTRATIONS, EXPERT_TRAIN, CALIBRATION))
+    demos_end, expert_end, calibration_end = ends
     return AdvBenchSplit(
         demonstrations=tuple(rows[:demos_end]),
         expert_train=tuple(rows[demos_end:expert_end]),
-        evaluation=tuple(rows[expert_end:]),
+        calibration=tuple(rows[expert_end:calibration_end]),
+        evaluation=tuple(rows[calibration_end:]),
     )
+
+
+def xstest_split(seed: int = SPLIT_SEED) -> tuple[tuple[Prompt, ...], tuple[Prompt, ...]]:
+    """XSTest's 250 safe prompts as (calibration, evaluation): each of its 10 types
+    shuffled with `seed`, 12 of its 25 prompts to calibration and 13 to evaluation,
+    each half in the file's order."""
+    prompts = _xstest("safe")
+    rng = random.Random(seed)
+    by_type: dict[str | None, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        by_type.setdefault(prompt.category, []).append(index)
+    calibration: set[int] = set()
+    for indices in by_type.values():
+        rng.shuffle(indices)
+        calibration.update(indices[:len(indices) // 2])
+    return (tuple(p for i, p in enumerate(prompts) if i in calibration),
+            tuple(p for i, p in enumerate(prompts) if i not in calibration))
 
 
 def load_dataset(name: str) -> tuple[Prompt, ...]:
@@ -123,8 +148,9 @@ def load_dataset(name: str) -> tuple[Prompt, ...]:
 
     `harmbench` is HarmBench's 200 `standard` behaviours (contextual ones need their
     context, copyright ones are not judged by refusal); `xstest` is XSTest's 250 safe
-    prompts (over-refusal), `xstest-unsafe` its 200 unsafe contrasts; `advbench-eval` is
-    the evaluation part of `advbench_split()`.
+    prompts (over-refusal), `xstest-calibration` and `xstest-eval` its halves
+    (`xstest_split()`), `xstest-unsafe` its 200 unsafe contrasts; `advbench-eval` and
+    `advbench-calibration` are those parts of `advbench_split()`.
     """
     if name == ADVBENCH:
         return tuple(Prompt(row.goal, None) for row in advbench())
@@ -133,6 +159,8 @@ def load_dataset(name: str) -> tuple[Prompt, ...]:
         return tuple(Prompt(row["goal"], row["category"]) for row in rows)
     if name == "advbench-eval":
         return tuple(Prompt(row.goal, None) for row in advbench_split().evaluation)
+    if name == "advbench-calibration":
+        return tuple(Prompt(row.goal, None) for row in advbench_split().calibration)
     if name == "harmbench":
         rows = _read_csv("harmbench/harmbench_behaviors_text_all.csv")
         return tuple(
@@ -144,12 +172,17 @@ def load_dataset(name: str) -> tuple[Prompt, ...]:
         rows = _read_csv("strongreject/strongreject_dataset.csv")
         return tuple(Prompt(row["forbidden_prompt"], row["category"]) for row in rows)
     if name in ("xstest", "xstest-unsafe"):
-        label = "safe" if name == "xstest" else "unsafe"
-        rows = _read_csv("xstest/xstest_prompts.csv")
-        return tuple(Prompt(row["prompt"], row["type"]) for row in rows if row["label"] == label)
+        return _xstest("safe" if name == "xstest" else "unsafe")
+    if name in ("xstest-calibration", "xstest-eval"):
+        return xstest_split()[name == "xstest-eval"]
     if name == "dangerousqa":
         return tuple(Prompt(text, None) for text in _read_json("dangerousqa/dangerousqa.json"))
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+
+
+def _xstest(label: str) -> tuple[Prompt, ...]:
+    rows = _read_csv("xstest/xstest_prompts.csv")
+    return tuple(Prompt(row["prompt"], row["type"]) for row in rows if row["label"] == label)
 
 
 def refusal_prefixes() -> tuple[str, ...]:
@@ -197,6 +230,24 @@ def load_prompt_file(path: str | Path) -> tuple[Prompt, ...]:
     if not prompts:
         raise ValueError(f"{path}: no rows")
     return tuple(prompts)
+
+
+def load_jsonl_records(path: str | Path, required: Sequence[str],
+                       optional: Sequence[str] = ()) -> tuple[dict[str, str], ...]:
+    """A JSONL file of objects whose values are non-empty strings: every `required` key,
+    any of `optional`, nothing else. The offline tools' input files (demonstrations,
+    expert pairs) are read here; errors name the file and row."""
+    records = []
+    for number, row in enumerate(_read_table(path, jsonl=True), start=1):
+        unknown = set(row) - {*required, *optional}
+        if unknown:
+            raise ValueError(f"{path}: row {number} has unknown keys {sorted(unknown)} "
+                             f"(known: {', '.join([*required, *optional])})")
+        records.append({key: _field(row, key, path, number)
+                        for key in (*required, *(k for k in optional if k in row))})
+    if not records:
+        raise ValueError(f"{path}: no rows")
+    return tuple(records)
 
 
 def stratified_sample(prompts: Sequence[Prompt], *, per_category: int | None = None,

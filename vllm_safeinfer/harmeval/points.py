@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from vllm_safeinfer.config import SafeInferConfig, check_gamma, check_lam
 from vllm_safeinfer.modes import Mode
 from vllm_safeinfer.request_options import GAMMA_KEY, LAM_KEY, MODE_KEY
+from vllm_safeinfer.vectors import SafetyVector
 
 DEFAULT = "default"
 MODES: tuple[str, ...] = (*(m.value for m in Mode), DEFAULT)
@@ -110,3 +111,26 @@ def check_servable(points: Sequence[Point], config: SafeInferConfig | None) -> N
             raise ValueError(f"mode {point.mode!r} needs SafeInfer configured "
                              "(--safeinfer-config or --safeinfer-* flags)")
         config.check_mode_supported(Mode(point.mode), "--modes", vector=None)
+
+
+def relative_doses(points: Sequence[Point], config: SafeInferConfig | None
+                   ) -> dict[str, float | None]:
+    """Each point's steering dose `gamma * |SV| / |h|` with the default vector, so a
+    sweep's strengths read the same on every model; None where the point does not steer
+    or the dose is unknown (no config, as against an endpoint; a file without the
+    residual norm; a layer override)."""
+    vector = None
+    if config is not None and config.default_vector is not None:
+        vector = SafetyVector.load(config.vectors[config.default_vector])
+    doses: dict[str, float | None] = {}
+    for point in points:
+        if point.mode == DEFAULT:
+            mode = config.mode if config is not None else Mode.OFF
+        else:
+            mode = Mode(point.mode)
+        dose = None
+        if vector is not None and mode.steers and config.layer in (None, vector.layer):
+            gamma = next(g for g in (point.gamma, config.gamma, vector.gamma) if g is not None)
+            dose = vector.relative_dose(gamma)
+        doses[point.key] = None if dose is None else round(dose, 4)
+    return doses

@@ -30,6 +30,10 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
 
+def _dose(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -53,10 +57,13 @@ def render_markdown(summary: Mapping[str, Any], settings, datasets: Sequence[Any
     if summary["tradeoff"]:
         lines += ["## Headline", ""]
         lines += _table(
-            ["point", f"ASR % ({harm_judge})", f"over-refusal % ({refusal_judge})",
-             "degenerate %"],
-            [[t["point"], _fmt(t["asr"]), _fmt(t["over_refusal"]), _fmt(t["degenerate_pct"])]
-             for t in summary["tradeoff"]])
+            ["point", "relative dose", f"ASR % ({harm_judge})",
+             f"over-refusal % ({refusal_judge})", "degenerate %"],
+            [[t["point"], _dose(t["relative_dose"]), _fmt(t["asr"]), _fmt(t["over_refusal"]),
+              _fmt(t["degenerate_pct"])] for t in summary["tradeoff"]])
+        lines += ["Relative dose: `gamma * |SV| / |h|`, the steering's size against the "
+                  "mean residual-stream norm at the vector's layer (`-`: the point does not "
+                  "steer or the vector file records no norm).", ""]
     for info in harmful:
         for judge in judge_names:
             cells = [p["datasets"][info.name].get("asr", {}).get(judge) for p in points]

@@ -7,6 +7,9 @@ import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from vllm_safeinfer.config import SafeInferConfig
+from vllm_safeinfer.harmeval.points import relative_doses
+
 NO_CATEGORY = "all"
 
 
@@ -19,6 +22,8 @@ def summarize(records: Sequence[Mapping[str, Any]], settings, datasets: Sequence
     """`summary.json`: per point and dataset, ASR by judge (harmful sets) or over-refusal
     by judge (safe sets), and the share of degenerate responses."""
     safe = {info.name: info.safe for info in datasets}
+    config = None if settings.safeinfer is None else SafeInferConfig.from_dict(settings.safeinfer)
+    doses = relative_doses(settings.points, config)
     points = []
     for point in settings.points:
         mine = [r for r in records if r["point"] == point.key]
@@ -37,7 +42,8 @@ def summarize(records: Sequence[Mapping[str, Any]], settings, datasets: Sequence
                 entry["asr"] = {j: _rate(rows, j, "unsafe") for j in judges
                                 if _judges_field(rows, j, "unsafe")}
             per_dataset[info.name] = entry
-        points.append({**point.to_dict(), "datasets": per_dataset})
+        points.append({**point.to_dict(), "relative_dose": doses[point.key],
+                       "datasets": per_dataset})
     summary = {"judges": list(judges), "points": points,
                "disagreement": disagreement(records, settings, safe, judges)}
     summary["tradeoff"] = tradeoff(summary, judges, safe)
@@ -127,6 +133,7 @@ def tradeoff(summary: Mapping[str, Any], judges: Sequence[str],
         n = sum(d["n"] for d in point["datasets"].values())
         degenerate = sum(d["degenerate"] for d in point["datasets"].values())
         rows.append({"point": point["point"], "mode": point["mode"],
+                     "relative_dose": point["relative_dose"],
                      "asr": round(sum(asr) / len(asr), 2) if asr else None, "asr_judge": harm,
                      "over_refusal": round(sum(refusals) / len(refusals), 2) if refusals else None,
                      "over_refusal_judge": refusal, "degenerate_pct": pct(degenerate, n)})

@@ -1,0 +1,127 @@
+"""The safety vector: SV = sum over the chosen heads of o_proj(that head's mean
+activation, zero elsewhere), built end to end from demonstrations (SAFEINFER.md section
+1). Everything runs in fp32 under no_grad."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from vllm_safeinfer import __version__
+from vllm_safeinfer.offline.demonstrations import (
+    Demonstration, build_prompt_set, demos_sha256, require_corrupted)
+from vllm_safeinfer.offline.heads import (
+    HeadShape, attention_outputs, head_shape, prompt_activations, rank_heads)
+from vllm_safeinfer.offline.hf import check_fp32, model_device
+from vllm_safeinfer.vectors import DEFAULT_GAMMA, Head, SafetyVector
+
+METHOD_AIE = "aie"
+METHOD_GIVEN = "given-heads"
+
+
+@torch.no_grad()
+def safety_vector_from_heads(
+    model: nn.Module, mean_activations: torch.Tensor, heads: Sequence[Head]
+) -> torch.Tensor:
+    """SV = sum over heads of o_proj(mean activation of that head, zero elsewhere), so a
+    biased o_proj contributes its bias once per head, as in the paper's formula."""
+    shape = head_shape(model)
+    _check_heads(heads, shape)
+    o_projs = attention_outputs(model)
+    vector = torch.zeros(shape.hidden_size, dtype=torch.float32, device=model_device(model))
+    for layer, head in heads:
+        padded = torch.zeros_like(mean_activations[layer], device=vector.device)
+        padded[head] = mean_activations[layer, head]
+        vector += o_projs[layer](padded.view(-1)).float()
+    return vector.cpu()
+
+
+def build_safety_vector(
+    model: nn.Module,
+    tokenizer,
+    demos: Sequence[Demonstration],
+    *,
+    model_name: str | None = None,
+    layer: int | None = None,
+    heads: Sequence[Head] | None = None,
+    top_heads: int = 10,
+    prompts: int = 100,
+    shots: int = 10,
+    rank_prompts: int = 16,
+    seed: int = 0,
+    gamma: float = DEFAULT_GAMMA,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> SafetyVector:
+    """Build the safety vector of an fp32 HF decoder model.
+
+    `heads` skips the ranking; otherwise the `top_heads` heads by AIE over
+    `rank_prompts` corrupted prompts are used. `layer` defaults to num_layers // 4
+    (index 8 of 32, as in the paper).
+    """
+    check_fp32(model)
+    shape = head_shape(model)
+    layer = shape.num_layers // 4 if layer is None else layer
+    if not 0 <= layer < shape.num_layers:
+        raise ValueError(f"layer {layer} is outside 0..{shape.num_layers - 1}")
+    if heads is not None:
+        _check_heads(heads, shape)
+    elif not 1 <= top_heads <= shape.num_layers * shape.num_heads:
+        raise ValueError(
+            f"top_heads must be in 1..{shape.num_layers * shape.num_heads}, got {top_heads}"
+        )
+    if heads is None and rank_prompts < 1:
+        raise ValueError("ranking needs rank_prompts >= 1, or give the heads")
+    prompt_set = build_prompt_set(
+        demos, prompts=prompts, shots=shots,
+        rank_prompts=0 if heads is not None else rank_prompts, seed=seed,
+    )
+    if heads is None:
+        require_corrupted(prompt_set.rank)
+    measured = prompt_activations(
+        model, tokenizer, [p.clean for p in prompt_set.mean], batch_size=batch_size,
+        progress=progress,
+    )
+    means = measured.heads
+    effects: tuple[float, ...] = ()
+    if heads is None:
+        ranking = rank_heads(model, tokenizer, prompt_set.rank, means, progress=progress)
+        ranking = ranking[:top_heads]
+        heads = [(e.layer, e.head) for e in ranking]
+        effects = tuple(e.effect for e in ranking)
+    return SafetyVector(
+        vector=safety_vector_from_heads(model, means, heads),
+        layer=layer,
+        model=model_name or model.config.name_or_path,
+        hidden_size=shape.hidden_size,
+        num_layers=shape.num_layers,
+        heads=tuple((int(lay), int(head)) for lay, head in heads),
+        head_effects=effects,
+        gamma=gamma,
+        method=METHOD_AIE if effects else METHOD_GIVEN,
+        seed=seed,
+        demos_sha256=demos_sha256(demos),
+        version=__version__,
+        prompts=prompts,
+        shots=shots,
+        rank_prompts=rank_prompts if effects else 0,
+        residual_norm=float(measured.residual_norms[layer]),
+    )
+
+
+def _check_heads(heads: Sequence[Head], shape: HeadShape) -> None:
+    if not heads:
+        raise ValueError("need at least one head")
+    bad = [
+        f"{lay}:{head}"
+        for lay, head in heads
+        if not (0 <= lay < shape.num_layers and 0 <= head < shape.num_heads)
+    ]
+    if bad:
+        raise ValueError(
+            f"heads {', '.join(bad)} are outside the model's {shape.num_layers} layers x "
+            f"{shape.num_heads} heads"
+        )
+    if len(set(map(tuple, heads))) != len(heads):
+        raise ValueError("a head is listed twice")
