@@ -138,3 +138,38 @@ def test_mixing_composes_with_masks_and_biases(engine_pool, tiny_assets):
     # Prompt logprobs (the served model's, computed after sampling) change nothing.
     assert outputs[3].prompt_logprobs is not None
     assert outputs[3].outputs[0].token_ids == outputs[4].outputs[0].token_ids
+
+
+def _dtypes(worker):
+    from vllm_safeinfer.worker import find_logits_processor
+
+    runner = worker.model_runner
+    return (str(next(runner.get_model().parameters()).dtype),
+            str(find_logits_processor(runner).expert.dtype))
+
+
+def test_expert_in_a_lower_precision(engine_pool, tiny_assets):
+    """`expert_dtype`: a bf16 expert beside an fp32 model runs in bf16; greedy tokens equal
+    the HF reference with the same two dtypes, and the mix acted. The reverse (an expert
+    more precise than the served model) is refused before the engine starts."""
+    import torch
+
+    from vllm_safeinfer.offline.hf import load_causal_lm, load_model
+    from vllm_safeinfer.reference import SafeInferReference
+
+    assets = tiny_assets("tiny-llama")
+    with pytest.raises(ValueError, match="expert_dtype 'float32' is more precise than the served"):
+        new_llm(assets.model, dtype="bfloat16",
+                additional_config={"safeinfer": assets.safeinfer_config(expert_dtype="float32")})
+    served, expert = "float32", "bfloat16"
+    llm = engine_pool.get(f"{served}-model-{expert}-expert:{assets.model}", lambda: new_llm(
+        assets.model, dtype=served,
+        additional_config={"safeinfer": assets.safeinfer_config(expert_dtype=expert)}))
+    assert llm.collective_rpc(_dtypes) == [(f"torch.{served}", f"torch.{expert}")]
+    model, tokenizer = load_model(assets.model, dtype=getattr(torch, served))
+    reference = SafeInferReference(model, tokenizer,
+                                   load_causal_lm(assets.expert, dtype=getattr(torch, expert)))
+    for case in (Case("sgds"), Case("safeinfer", lam=0.9)):
+        got = vllm_generate(llm, PROMPTS, sampling(case))
+        assert got == reference_generate(reference, assets, PROMPTS, [case] * len(PROMPTS))
+        assert got != vllm_generate(llm, PROMPTS, sampling(Case("off")))

@@ -57,3 +57,22 @@ def test_self_check_and_idempotent_register():
     hooked = EngineArgs.create_engine_config
     register()
     assert EngineArgs.create_engine_config is hooked
+
+
+def test_every_block_hash_caller_sees_the_steering_key():
+    """The steering key joins block hashes inside `generate_block_hash_extra_keys`
+    itself, so the copies imported by the block pool and by the KV offloading manager
+    (vLLM's CPU build cannot run offloading: it is a GPU feature) hash alike."""
+    from vllm.v1.core import block_pool, kv_cache_utils
+    from vllm.v1.simple_kv_offload import manager
+
+    from vllm_safeinfer.prefix_cache import KV_KEY_ARG
+
+    register()
+    request = SimpleNamespace(
+        sampling_params=SimpleNamespace(extra_args={KV_KEY_ARG: "k"}), num_prompt_tokens=10,
+        prompt_embeds=None, lora_request=None, cache_salt=None, mm_features=[])
+    for module in (kv_cache_utils, block_pool, manager):
+        hash_keys = module.generate_block_hash_extra_keys
+        assert hash_keys(request, 0, 32, 0) == ((("safeinfer", "k", 9),), 0), module.__name__
+        assert hash_keys(request, 0, 8, 0) == (None, 0), module.__name__

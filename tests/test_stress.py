@@ -73,6 +73,56 @@ def test_prefix_caching_with_mixed_steering(engine_pool, tiny_assets, references
     assert turn2 == want2
 
 
+def run_unvalidated(llm, request_id: str, prompt: list[int], extra_args: dict | None,
+                    max_tokens: int):
+    """An `EngineCoreRequest` built by vLLM's input processor from a plain request, given
+    `extra_args` after validation (no frontend check, no SafeInfer stamp) and handed
+    straight to the engine, as `LLMEngine.add_request` / `AsyncLLM.add_request` allow."""
+    engine = llm.llm_engine
+    request = engine.input_processor.process_inputs(
+        request_id, {"prompt_token_ids": prompt},
+        sampling(None, max_tokens=max_tokens, ignore_eos=True),
+        supported_tasks=engine.get_supported_tasks())
+    request.sampling_params.extra_args = extra_args
+    engine.add_request(request.request_id, request, request.params)
+    for _ in range(500):
+        for output in engine.step():
+            if output.finished:
+                return list(output.outputs[0].token_ids)
+    raise AssertionError("the unvalidated request did not finish in 500 steps")
+
+
+def test_unvalidated_requests_get_the_engines_own_identity(engine_pool, tiny_assets, references):
+    """The engine core computes the steering's prefix-cache identity from the request's
+    own options: an unstamped steered request does not leave steered blocks for an
+    unsteered one to reuse, a forged stamp is replaced, and options that do not resolve
+    run with the server's defaults instead of killing the engine."""
+    assets = tiny_assets("tiny-llama")
+    llm = stress_engine(engine_pool, assets)
+    reference = references("tiny-llama")
+    shared = long_prompt(123, 70)
+    steered = run_unvalidated(llm, "raw-sa", shared,
+                              {"safeinfer_mode": "sa", "_safeinfer_kv": None}, 40)
+    assert steered == reference.generate([shared], [Case("sa").row_settings(assets)], 40,
+                                         ignore_eos=True)[0]
+    follow_up = shared + steered + [30, 31, 32]
+    [output] = llm.generate([{"prompt_token_ids": follow_up}], sampling(Case("off")),
+                            use_tqdm=False)
+    # Blocks of 32: [0, 64) hold plain KV and are shared; the block holding the first
+    # steered position (69) and every later one are not.
+    assert output.num_cached_tokens == 64
+    assert list(output.outputs[0].token_ids) == reference_generate(
+        reference, assets, [follow_up], [Case("off")])[0]
+    forged = run_unvalidated(llm, "raw-forged", shared + [40],
+                             {"safeinfer_mode": "off", "_safeinfer_kv": "0" * 16}, 8)
+    broken = run_unvalidated(llm, "raw-bad", shared + [41],
+                             {"safeinfer_mode": "strong", "safeinfer_lam": "x"}, 8)
+    off = vllm_generate(llm, [shared + [40], shared + [41]],
+                        sampling(Case("off"), max_tokens=8, ignore_eos=True))
+    assert [forged, broken] == off  # the server's default mode here is off
+    assert llm.llm_engine.has_unfinished_requests() is False
+
+
 def test_abort_leaves_other_requests_exact(engine_pool, tiny_assets, references):
     assets = tiny_assets("tiny-llama")
     llm = stress_engine(engine_pool, assets)

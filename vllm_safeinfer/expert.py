@@ -24,7 +24,8 @@ class ExpertLogits:
     """The expert's logits of the current step, handed from `compute_logits` to the
     logits processor (same rows, same order)."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype  # what the expert's weights are in
         self._logits: torch.Tensor | None = None
 
     def put(self, logits: torch.Tensor) -> None:
@@ -85,6 +86,15 @@ def check_expert_compatible(config: SafeInferConfig, base_model_config) -> None:
         )
     if getattr(expert_hf, "architectures", None) is None:
         raise ValueError(f"SafeInfer expert_model {path!r}: config.json names no architecture")
+    if config.expert_dtype is not None:
+        expert_dtype = expert_model_config(config, base_model_config).dtype
+        if expert_dtype.itemsize > base_model_config.dtype.itemsize:
+            raise ValueError(
+                f"SafeInfer expert_dtype {config.expert_dtype!r} is more precise than the "
+                f"served model's {base_model_config.dtype}: the expert's attention would read "
+                "a KV cache kept in the served model's dtype (vLLM's CPU attention aborts on "
+                "it). Use the served model's dtype or a lower one (a bf16 expert beside an "
+                "fp32 model works)")
 
 
 def install_expert(model: nn.Module, vllm_config, config: SafeInferConfig) -> ExpertLogits:
@@ -100,18 +110,22 @@ def install_expert(model: nn.Module, vllm_config, config: SafeInferConfig) -> Ex
     )
     with set_current_vllm_config(vllm_config), set_model_tag(MODEL_TAG):
         expert = get_model(vllm_config=expert_config, prefix=MODEL_TAG)
-    holder = ExpertLogits()
+    expert_dtype = next(expert.parameters()).dtype
+    holder = ExpertLogits(expert_dtype)
     base_hidden = vllm_config.model_config.get_hidden_size()
     base_forward = model.forward
     base_compute_logits = model.compute_logits
 
+    # The pair travels in the served model's dtype (vLLM sizes its buffers by it); each
+    # half goes back to its own model's dtype for its lm_head. An expert in a lower
+    # precision (a bf16 expert beside an fp32 model) round-trips exactly.
     def forward(input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         hidden = base_forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         expert_hidden = expert(input_ids, positions, None, None)
-        return torch.cat([hidden, expert_hidden], dim=-1)
+        return torch.cat([hidden, expert_hidden.to(hidden.dtype)], dim=-1)
 
     def compute_logits(hidden_states: torch.Tensor):
-        holder.put(expert.compute_logits(hidden_states[..., base_hidden:]))
+        holder.put(expert.compute_logits(hidden_states[..., base_hidden:].to(expert_dtype)))
         return base_compute_logits(hidden_states[..., :base_hidden])
 
     # Instance attributes: nn.Module.__call__ picks them up, the class stays untouched.

@@ -5,18 +5,12 @@ names or whether an expert is loaded need the server's config. The frontend's
 `InputProcessor` knows it: while it validates a request, the parsed config sits in a
 context variable that `validate_params` reads. A context variable, not a global, so two
 engines in one process (tests, a Ray actor) each validate against their own config.
-
-After validation, the request is stamped with the key of the steering that will shape
-its KV cache (`KV_KEY_ARG`), which the engine core folds into prefix-cache block hashes.
 """
 from __future__ import annotations
 
 from contextvars import ContextVar
 
 from vllm_safeinfer.config import SafeInferConfig
-from vllm_safeinfer.request_options import resolve_request
-
-KV_KEY_ARG = "_safeinfer_kv"
 
 _validating: ContextVar[SafeInferConfig | None] = ContextVar("safeinfer_config", default=None)
 
@@ -33,7 +27,6 @@ def install() -> None:
         return
     original_init = InputProcessor.__init__
     original_validate = InputProcessor._validate_params
-    original_process = InputProcessor.process_inputs
 
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         original_init(self, vllm_config, *args, **kwargs)
@@ -48,23 +41,8 @@ def install() -> None:
         finally:
             _validating.reset(token)
 
-    def process_inputs(self, *args, **kwargs):
-        request = original_process(self, *args, **kwargs)
-        config = getattr(self, "_safeinfer_config", None)
-        params = request.sampling_params
-        if params is not None and (config is not None or KV_KEY_ARG in (params.extra_args or {})):
-            # A new dict: never mutate a caller's extra_args. A key sent by a client is
-            # dropped, or it could make others reuse its blocks.
-            extra_args = {k: v for k, v in (params.extra_args or {}).items() if k != KV_KEY_ARG}
-            key = resolve_request(extra_args, config).kv_key()
-            if key is not None:
-                extra_args[KV_KEY_ARG] = key
-            params.extra_args = extra_args or None
-        return request
-
     InputProcessor.__init__ = __init__
     InputProcessor._validate_params = _validate_params
-    InputProcessor.process_inputs = process_inputs
     InputProcessor._safeinfer_hooked = True
     _refuse_beam_search()
 

@@ -7,6 +7,8 @@ mixes the unsafe expert's distribution into the rows that ask for it (`apply`).
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
@@ -16,7 +18,9 @@ from vllm_safeinfer.batch_state import BatchState, VectorTable
 from vllm_safeinfer.config import SafeInferConfig
 from vllm_safeinfer.expert import ExpertLogits
 from vllm_safeinfer.kernels.mix import mix_
-from vllm_safeinfer.request_options import resolve_request
+from vllm_safeinfer.request_options import resolve_or_defaults, resolve_request
+
+logger = logging.getLogger(__name__)
 
 FQCN = "vllm_safeinfer:SafeInferLogitsProcessor"
 
@@ -57,7 +61,11 @@ class SafeInferLogitsProcessor(LogitsProcessor):
             for row in batch_update.removed:
                 state.clear_row(row)
             for row, params, prompt_ids, _ in batch_update.added:
-                settings = resolve_request(params.extra_args, self.config)
+                # Never raise here: an error would kill the engine for every request.
+                settings, error = resolve_or_defaults(params.extra_args, self.config)
+                if error is not None:
+                    logger.warning("SafeInfer: a request's options do not resolve (%s); it "
+                                   "runs with the server's defaults", error)
                 state.set_row(row, settings, len(prompt_ids or ()))
             for a, b, direction in batch_update.moved:
                 if direction == MoveDirectionality.SWAP:

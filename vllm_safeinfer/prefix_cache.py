@@ -6,10 +6,25 @@ only be reused by a request steered the same way with the same prompt boundary, 
 blocks before that position hold plain KV and stay shareable with everyone (a shared
 system prompt keeps its cache hits). vLLM chains block hashes, so adding a key to the
 first steered block separates every block after it too.
+
+The engine core decides each request's steering identity itself, from the request's own
+options and its own config, as the request arrives (`EngineCore.preprocess_add_request`,
+before vLLM hashes the prompt's blocks): a request handed to the engine without the
+frontend's validation, or carrying a forged identity, still gets the right one. The key
+joins the block hash through a helper that `generate_block_hash_extra_keys` looks up in
+its own module on every call, so every caller of it sees the key, wherever it was
+imported (the block pool, the KV offloading manager).
 """
 from __future__ import annotations
 
-from vllm_safeinfer.frontend import KV_KEY_ARG
+import logging
+
+from vllm_safeinfer.config import SafeInferConfig
+from vllm_safeinfer.request_options import resolve_or_defaults
+
+logger = logging.getLogger(__name__)
+
+KV_KEY_ARG = "_safeinfer_kv"
 
 
 def steering_block_key(request, end_token_idx: int) -> tuple | None:
@@ -24,20 +39,47 @@ def steering_block_key(request, end_token_idx: int) -> tuple | None:
     return ("safeinfer", key, boundary)
 
 
-def install() -> None:
-    from vllm.v1.core import block_pool, kv_cache_utils
+def stamp_steering_identity(request, config: SafeInferConfig | None) -> None:
+    """Write the engine core's own steering identity into an `EngineCoreRequest`'s
+    `extra_args`, replacing whatever the request carried under that key."""
+    params = request.sampling_params
+    if params is None:
+        return
+    extra_args = {k: v for k, v in (params.extra_args or {}).items() if k != KV_KEY_ARG}
+    if config is not None:
+        settings, error = resolve_or_defaults(extra_args, config)
+        if error is not None:
+            logger.warning("SafeInfer: request %s reached the engine with options that do not "
+                           "resolve (%s); it runs with the server's defaults",
+                           request.request_id, error)
+        key = settings.kv_key()
+        if key is not None:
+            extra_args[KV_KEY_ARG] = key
+    params.extra_args = extra_args or None
 
-    original = kv_cache_utils.generate_block_hash_extra_keys
-    if getattr(original, "_safeinfer", False):
+
+def install() -> None:
+    from vllm.v1.core import kv_cache_utils
+    from vllm.v1.engine.core import EngineCore
+
+    original_keys = kv_cache_utils._gen_prompt_embeds_extra_hash_keys
+    if getattr(original_keys, "_safeinfer", False):
         return
 
-    def generate_block_hash_extra_keys(request, start_token_idx, end_token_idx, start_mm_idx):
-        keys, next_mm_idx = original(request, start_token_idx, end_token_idx, start_mm_idx)
+    def _gen_prompt_embeds_extra_hash_keys(request, start_token_idx, end_token_idx):
+        keys = original_keys(request, start_token_idx, end_token_idx)
         extra = steering_block_key(request, end_token_idx)
-        if extra is not None:
-            keys = (*(keys or ()), extra)
-        return keys, next_mm_idx
+        return keys if extra is None else [*keys, extra]
 
-    generate_block_hash_extra_keys._safeinfer = True
-    kv_cache_utils.generate_block_hash_extra_keys = generate_block_hash_extra_keys
-    block_pool.generate_block_hash_extra_keys = generate_block_hash_extra_keys
+    original_preprocess = EngineCore.preprocess_add_request
+
+    def preprocess_add_request(self, request):
+        if not hasattr(self, "_safeinfer_config"):
+            self._safeinfer_config = SafeInferConfig.from_additional_config(
+                self.vllm_config.additional_config)
+        stamp_steering_identity(request, self._safeinfer_config)
+        return original_preprocess(self, request)
+
+    _gen_prompt_embeds_extra_hash_keys._safeinfer = True
+    kv_cache_utils._gen_prompt_embeds_extra_hash_keys = _gen_prompt_embeds_extra_hash_keys
+    EngineCore.preprocess_add_request = preprocess_add_request

@@ -89,3 +89,15 @@ def resolve_request(extra_args: Mapping[str, Any] | None,
     if not mode.steers:
         return RequestSettings(mode, lam=lam)
     return RequestSettings(mode, vector=vector or config.default_vector, gamma=gamma, lam=lam)
+
+
+def resolve_or_defaults(extra_args: Mapping[str, Any] | None, config: SafeInferConfig
+                        ) -> tuple[RequestSettings, ValueError | None]:
+    """Resolution inside the engine, where nothing may raise: a request that reached it
+    without the frontend's validation and cannot be resolved runs with the server's
+    defaults, and the error comes back for the caller to log. The engine core (cache
+    identity) and the worker (steering, mixing) both resolve this way, so they agree."""
+    try:
+        return resolve_request(extra_args, config), None
+    except ValueError as err:
+        return resolve_request(None, config), err
