@@ -137,3 +137,4 @@ def test_cli_flags_map_onto_the_same_keys(assets, tmp_path):
     assert command[command.index("--model") + 1] == "MODEL" and "9000" in command
     additional = json.loads(command[command.index("--additional-config") + 1])
     assert additional == {"other": 1, "safeinfer": raw}
+    assert command[command.index("--middleware") + 1] == "vllm_safeinfer.http_api.safeinfer_endpoints"

@@ -16,6 +16,7 @@ from typing import Any
 
 from vllm_safeinfer.config import CONFIG_KEY
 from vllm_safeinfer.config_flags import add_safeinfer_arguments
+from vllm_safeinfer.http_api import MIDDLEWARE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,5 +38,7 @@ def vllm_command(model: str, config: Mapping[str, Any], vllm_args: Sequence[str]
             del rest[i]
             break
     additional[CONFIG_KEY] = dict(config)
+    if MIDDLEWARE not in rest:
+        rest += ["--middleware", MIDDLEWARE]
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
             *rest, "--additional-config", json.dumps(additional)]

@@ -1,0 +1,76 @@
+"""`GET /v1/safeinfer` through vLLM's `--middleware` hook: the configuration read-only,
+vLLM's API-key rule applied, other paths untouched (a Starlette app with the same state
+vLLM's server sets; the live server is checked in tests/test_server.py)."""
+from __future__ import annotations
+
+import argparse
+from types import SimpleNamespace
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+
+from vllm_safeinfer.http_api import PATH, safeinfer_endpoints
+
+
+def app_with(assets, api_key=None, **overrides) -> TestClient:
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    def models():
+        return {"data": []}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return {"echo": await request.json()}
+
+    app.middleware("http")(safeinfer_endpoints)
+    model_config = SimpleNamespace(
+        hf_config=argparse.Namespace(hidden_size=assets.hidden_size, num_hidden_layers=4),
+        get_hidden_size=lambda: assets.hidden_size)
+    app.state.vllm_config = SimpleNamespace(
+        additional_config={"safeinfer": assets.safeinfer_config(**overrides)},
+        model_config=model_config)
+    app.state.args = argparse.Namespace(api_key=api_key)
+    return TestClient(app)
+
+
+@pytest.fixture()
+def assets(tiny_assets):
+    return tiny_assets("tiny-llama")
+
+
+def test_configuration_is_shown_without_paths(assets, monkeypatch):
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    client = app_with(assets, mode="safeinfer", lam=0.9)
+    response = client.get(PATH)
+    assert response.status_code == 200
+    assert response.json() == {
+        "configured": True,
+        "vectors": {"a": {"layer": 1, "default_gamma": 1.0, "relative_dose": None},
+                    "b": {"layer": 2, "default_gamma": 1.5, "relative_dose": 0.75}},
+        "default_vector": "a", "expert": "tiny-llama-expert-v2", "expert_dtype": None,
+        "defaults": {"mode": "safeinfer", "gamma": None, "lam": 0.9}, "enforce": False}
+    assert "/" not in response.text.replace(PATH, "")
+    assert client.post(PATH).status_code == 405
+    assert client.get("/v1/models").json() == {"data": []}
+
+
+def test_the_api_key_is_required_when_set(assets):
+    client = app_with(assets, api_key=["secret"])
+    assert client.get(PATH).status_code == 401
+    assert client.get(PATH, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get(PATH, headers={"Authorization": "Bearer secret"}).status_code == 200
+
+
+def test_options_are_validated_as_the_client_wrote_them(assets, monkeypatch):
+    """vLLM's request model turns `true` into 1; the middleware sees the raw JSON first."""
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    client = app_with(assets, mode="off")
+    refused = client.post("/v1/completions", json={
+        "prompt": "x", "vllm_xargs": {"safeinfer_mode": "sa", "safeinfer_gamma": True}})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["message"] == "safeinfer_gamma must be a number, got bool True"
+    body = {"prompt": "x", "vllm_xargs": {"safeinfer_mode": "sa", "safeinfer_gamma": 0.5}}
+    passed = client.post("/v1/completions", json=body)
+    assert passed.status_code == 200 and passed.json() == {"echo": body}
