@@ -76,3 +76,36 @@ def test_every_block_hash_caller_sees_the_steering_key():
         hash_keys = module.generate_block_hash_extra_keys
         assert hash_keys(request, 0, 32, 0) == ((("safeinfer", "k", 9),), 0), module.__name__
         assert hash_keys(request, 0, 8, 0) == (None, 0), module.__name__
+
+
+GUARD_SCRIPT = """
+import json, sys
+from vllm_safeinfer import compat, plugin
+compat.REQUIRED_INTERNALS += (("vllm.v1.core.kv_cache_utils", "renamed_in_a_future_vllm"),)
+plugin.register()
+from vllm.engine.arg_utils import EngineArgs
+from vllm.v1.engine.input_processor import InputProcessor
+assert not getattr(InputProcessor, "_safeinfer_hooked", False), "no hooks on unknown internals"
+model = sys.argv[1]
+EngineArgs(model=model).create_engine_config()
+try:
+    EngineArgs(model=model, additional_config={"safeinfer": {"mode": "off"}}).create_engine_config()
+except RuntimeError as err:
+    print(json.dumps(str(err)))
+"""
+
+
+def test_unknown_internals_leave_vllm_working_without_safeinfer(tiny_assets):
+    """In a fresh process: a vLLM whose internals the plugin does not know still builds
+    engine configs without `safeinfer` (a warning, no hooks), and one that configures it
+    fails with the missing internal named."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", GUARD_SCRIPT, tiny_assets("tiny-llama").model],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "vLLM runs without SafeInfer" in done.stderr
+    message = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "kv_cache_utils.renamed_in_a_future_vllm is missing" in message

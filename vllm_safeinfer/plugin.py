@@ -23,17 +23,41 @@ def is_registered() -> bool:
 
 
 def register() -> None:
+    """Install the hooks. On a vLLM whose internals the plugin does not know, install
+    nothing but a guard: vLLM keeps working for everyone who does not configure
+    SafeInfer, and a start that configures it fails with the reason."""
     global _registered
     if _registered:
         return
     from vllm_safeinfer import compat, frontend, prefix_cache
 
-    compat.check_vllm_internals()
-    _hook_engine_config()
-    frontend.install()
-    prefix_cache.install()
-    _hook_worker()
+    try:
+        compat.check_vllm_internals()
+    except RuntimeError as err:
+        logger.warning("%s vLLM runs without SafeInfer; configuring `safeinfer` fails the "
+                       "start.", err)
+        _guard_engine_config(err)
+    else:
+        _hook_engine_config()
+        frontend.install()
+        prefix_cache.install()
+        _hook_worker()
     _registered = True
+
+
+def _guard_engine_config(error: RuntimeError) -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = getattr(EngineArgs, "create_engine_config", None)
+    if original is None:
+        return
+
+    def create_engine_config(self, *args, **kwargs):
+        if SafeInferConfig.from_additional_config(self.additional_config) is not None:
+            raise error
+        return original(self, *args, **kwargs)
+
+    EngineArgs.create_engine_config = create_engine_config
 
 
 def with_processor(processors: list | None) -> list:
