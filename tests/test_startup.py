@@ -55,3 +55,37 @@ def test_prompt_embeddings_are_refused(tiny_assets):
     with pytest.raises(ValueError, match=r"SafeInfer cannot serve prompt embeddings \(--enable-prompt-embeds"):
         new_llm(assets.model, enable_prompt_embeds=True,
                 additional_config={"safeinfer": {"vector": assets.vectors["a"]}})
+
+
+def test_vector_for_a_look_alike_model_is_refused(tiny_assets, tmp_path):
+    """Same shape, other weights (one head's o_proj changed): the recorded fingerprint
+    catches it before the engine starts, unless the operator allows it."""
+    from types import SimpleNamespace
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from vllm_safeinfer.model_identity import (
+        checkpoint_fingerprint, check_vector_model, o_proj_names)
+    from vllm_safeinfer.vectors import SafetyVector
+
+    assets = tiny_assets("tiny-llama")
+    original = model_path("tiny-llama")
+    vector = SafetyVector(
+        vector=torch.ones(assets.hidden_size), layer=1, model="tiny-llama",
+        hidden_size=assets.hidden_size, num_layers=4, heads=((1, 0),),
+        model_fingerprint=checkpoint_fingerprint(original, o_proj_names([1])))
+    vector.save(tmp_path / "sv.safetensors")
+    vector = SafetyVector.load(tmp_path / "sv.safetensors")
+    look_alike = tmp_path / "look-alike"
+    shutil.copytree(original, look_alike)
+    [weights_file] = look_alike.glob("*.safetensors")
+    weights = load_file(weights_file)
+    weights["model.layers.1.self_attn.o_proj.weight"][0, 0] += 1e-3
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    check_vector_model(vector, SimpleNamespace(model=str(original)), allow_other_model=False)
+    check_vector_model(vector, SimpleNamespace(model=str(look_alike)), allow_other_model=True)
+    with pytest.raises(ValueError, match=r"sv\.safetensors was built for 'tiny-llama', whose "
+                       r"weights differ .*allow_other_model_vectors: true"):
+        new_llm(str(look_alike),
+                additional_config={"safeinfer": {"vector": str(tmp_path / "sv.safetensors")}})

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vllm_safeinfer.cli import main
+from vllm_safeinfer.model_identity import checkpoint_fingerprint, o_proj_names
 from vllm_safeinfer.models import SMOLLM2, model_path, tiny_tokenizer
 from vllm_safeinfer.offline.demonstrations import (
     Demonstration, advbench_demonstrations, build_prompt_set, demos_sha256, load_demonstrations)
@@ -200,6 +201,12 @@ def test_batched_activations_equal_unbatched(tiny, demos) -> None:
     single = prompt_activations(tiny.model, tiny.tokenizer, texts, batch_size=1)
     torch.testing.assert_close(batched.heads, single.heads, atol=1e-5, rtol=0)
     torch.testing.assert_close(batched.residual_norms, single.residual_norms, atol=1e-4, rtol=0)
+
+
+def test_builder_fingerprint_equals_the_checkpoints(tiny, built) -> None:
+    names = o_proj_names(layer for layer, _ in built.heads)
+    assert built.model_fingerprint == checkpoint_fingerprint(model_path(tiny.name), names)
+    assert len(built.model_fingerprint) == 64
 
 
 @torch.no_grad()
@@ -479,6 +486,10 @@ def test_bundled_smollm2_vector_matches_the_model() -> None:
     assert vector.demos_sha256 == demos_sha256(advbench_demonstrations())
     assert list(vector.head_effects) == sorted(vector.head_effects, reverse=True)
     assert vector.residual_norm is not None and vector.residual_norm > 0
+    # The fingerprint recorded at build time equals the one read from this machine's
+    # checkpoint (built from the GGUF here): the conversion is deterministic.
+    assert vector.model_fingerprint == checkpoint_fingerprint(
+        model_path(SMOLLM2), o_proj_names(layer for layer, _ in vector.heads))
     assert vector.relative_dose() == pytest.approx(
         vector.gamma * vector.vector.norm().item() / vector.residual_norm)
 

@@ -64,6 +64,7 @@ class SafeInferConfig:
     expert_model: str | None = None
     expert_dtype: str | None = None
     lam: float = DEFAULT_LAM
+    allow_other_model_vectors: bool = False
 
     @property
     def has_expert(self) -> bool:
@@ -75,7 +76,7 @@ class SafeInferConfig:
         if not isinstance(raw, Mapping):
             raise ValueError(f"{CONFIG_KEY} config must be a JSON object, got {raw!r}")
         known = {"vector", "vectors", "default_vector", "layer", "gamma", "mode", "enforce",
-                 "expert_model", "expert_dtype", "lam"}
+                 "expert_model", "expert_dtype", "lam", "allow_other_model_vectors"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(
@@ -112,9 +113,11 @@ class SafeInferConfig:
         gamma = raw.get("gamma")
         if gamma is not None:
             gamma = check_gamma(f"{CONFIG_KEY}.gamma", gamma)
-        enforce = raw.get("enforce", False)
-        if not isinstance(enforce, bool):
-            raise ValueError(f"{CONFIG_KEY}.enforce must be true or false, got {enforce!r}")
+        enforce, allow_other = (raw.get(key, False) for key in ("enforce",
+                                                                  "allow_other_model_vectors"))
+        for key, value in (("enforce", enforce), ("allow_other_model_vectors", allow_other)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{CONFIG_KEY}.{key} must be true or false, got {value!r}")
         expert_model = raw.get("expert_model")
         if expert_model is not None:
             expert_model = _path(f"{CONFIG_KEY}.expert_model", expert_model)
@@ -131,6 +134,7 @@ class SafeInferConfig:
             expert_model=expert_model,
             expert_dtype=expert_dtype,
             lam=check_lam(f"{CONFIG_KEY}.lam", raw.get("lam", DEFAULT_LAM)),
+            allow_other_model_vectors=allow_other,
         )
         config.check_mode_supported(config.mode, f"{CONFIG_KEY}.mode", vector=None)
         return config

@@ -23,6 +23,9 @@ FLAGS: dict[str, dict[str, Any]] = {
     "expert_model": dict(help="unsafe expert checkpoint (same tokenizer)"),
     "expert_dtype": dict(help="expert dtype (default: the served model's)"),
     "lam": dict(type=float, help="default lam of safety-guided decoding"),
+    "allow_other_model_vectors": dict(
+        action="store_const", const=True,
+        help="serve vectors whose recorded model fingerprint differs from the served model's"),
 }
 
 

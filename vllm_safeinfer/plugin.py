@@ -82,9 +82,14 @@ def check_startup(vllm_config, config: SafeInferConfig) -> None:
     from vllm_safeinfer.batch_state import VectorTable
     from vllm_safeinfer.compat import check_supported
     from vllm_safeinfer.expert import check_expert_compatible
+    from vllm_safeinfer.model_identity import check_vector_model
+    from vllm_safeinfer.vectors import SafetyVector
 
     check_supported(vllm_config)
     VectorTable(config, vllm_config.model_config)
+    for path in config.vectors.values():
+        check_vector_model(SafetyVector.load(path), vllm_config.model_config,
+                           allow_other_model=config.allow_other_model_vectors)
     if config.has_expert:
         check_expert_compatible(config, vllm_config.model_config)
 

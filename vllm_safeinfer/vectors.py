@@ -74,6 +74,7 @@ class SafetyVector:
     shots: int = 0
     rank_prompts: int = 0
     residual_norm: float | None = None
+    model_fingerprint: str = ""
     source: str | None = None
 
     def __post_init__(self) -> None:
@@ -113,6 +114,8 @@ class SafetyVector:
         meta["head_effects"] = ",".join(repr(effect) for effect in self.head_effects)
         if self.residual_norm is not None:
             meta["residual_norm"] = repr(self.residual_norm)
+        if self.model_fingerprint:
+            meta["model_fingerprint"] = self.model_fingerprint
         return meta
 
     def save(self, path: str | Path) -> None:
@@ -235,6 +238,8 @@ def _parse_metadata(meta: dict[str, str], where: str) -> dict[str, Any]:
         )
     except ValueError:
         raise ValueError(f"{where}: metadata head_effects is not a list of numbers") from None
+    if "model_fingerprint" in meta:
+        fields["model_fingerprint"] = meta["model_fingerprint"]
     if "residual_norm" in meta:
         try:
             fields["residual_norm"] = float(meta["residual_norm"])
