@@ -173,3 +173,23 @@ def test_expert_in_a_lower_precision(engine_pool, tiny_assets):
         got = vllm_generate(llm, PROMPTS, sampling(case))
         assert got == reference_generate(reference, assets, PROMPTS, [case] * len(PROMPTS))
         assert got != vllm_generate(llm, PROMPTS, sampling(Case("off")))
+
+
+def test_tensor_parallel_2_is_exact(engine_pool, tiny_assets, references, monkeypatch):
+    """TP 2 on this CPU (one core per rank): steering on each rank's replicated hidden
+    state, the expert sharded like the served model; every mode and a mixed batch equal
+    the single-device HF reference."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    assets = tiny_assets("tiny-llama")
+    llm = engine_pool.get(f"tp2:{assets.model}", lambda: new_llm(
+        assets.model, tensor_parallel_size=2,
+        additional_config={"safeinfer": assets.safeinfer_config()}))
+    reference = references("tiny-llama")
+    for case in (Case("sa"), Case("sgds"), Case("safeinfer", vector="b", lam=0.9)):
+        got = vllm_generate(llm, PROMPTS, sampling(case))
+        assert got == reference_generate(reference, assets, PROMPTS, [case] * len(PROMPTS))
+        assert got != vllm_generate(llm, PROMPTS, sampling(Case("off")))
+    rows = [(PROMPTS[i % len(PROMPTS)], MIXED_CASES[i % len(MIXED_CASES)]) for i in range(10)]
+    batch = vllm_generate(llm, [p for p, _ in rows], [sampling(c) for _, c in rows])
+    assert batch == reference_generate(reference, assets, [p for p, _ in rows],
+                                       [c for _, c in rows])

@@ -26,7 +26,8 @@ def test_missing_processor_stops_the_worker():
 
 
 def _vllm_config(**overrides):
-    model = SimpleNamespace(runner_type="generate", is_multimodal_model=False)
+    model = SimpleNamespace(runner_type="generate", is_multimodal_model=False,
+                            enable_prompt_embeds=False)
     parallel = SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1)
     config = SimpleNamespace(model_config=model, parallel_config=parallel, speculative_config=None)
     for path, value in overrides.items():
@@ -38,12 +39,13 @@ def _vllm_config(**overrides):
 @pytest.mark.parametrize("overrides,message", [
     ({"model_config.runner_type": "pooling"}, "pooling model"),
     ({"speculative_config": object()}, "speculative decoding"),
-    ({"parallel_config.tensor_parallel_size": 2}, "tensor parallelism"),
     ({"parallel_config.pipeline_parallel_size": 2}, "pipeline parallelism"),
     ({"model_config.is_multimodal_model": True}, "multimodal"),
+    ({"model_config.enable_prompt_embeds": True}, "prompt embeddings"),
 ])
 def test_unsupported_features_are_refused(overrides, message):
     check_supported(_vllm_config())
+    check_supported(_vllm_config(**{"parallel_config.tensor_parallel_size": 2}))
     with pytest.raises(ValueError, match=message):
         check_supported(_vllm_config(**overrides))
 

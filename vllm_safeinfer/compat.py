@@ -73,8 +73,6 @@ def check_supported(vllm_config) -> None:
         problems.append(f"a {model_config.runner_type} model (SafeInfer needs a generative model)")
     if vllm_config.speculative_config is not None:
         problems.append("speculative decoding (vLLM's V1 runner refuses custom logits processors with it)")
-    if parallel.tensor_parallel_size > 1:
-        problems.append("tensor parallelism above 1 (not verified exact yet)")
     if parallel.pipeline_parallel_size > 1:
         problems.append("pipeline parallelism (the steered layer and the expert must be local)")
     if model_config.is_multimodal_model:
