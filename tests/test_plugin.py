@@ -111,3 +111,27 @@ def test_unknown_internals_leave_vllm_working_without_safeinfer(tiny_assets):
     assert "vLLM runs without SafeInfer" in done.stderr
     message = json.loads(done.stdout.strip().splitlines()[-1])
     assert "kv_cache_utils.renamed_in_a_future_vllm is missing" in message
+
+
+WORKER_SCRIPT = """
+import sys
+import vllm.v1.worker.gpu_worker  # what a worker process has loaded when plugins load
+from vllm_safeinfer.plugin import register
+register()
+assert not [m for m in sys.modules if "beam_search" in m], "the frontend's modules leaked"
+from vllm.entrypoints.generate.beam_search import offline, online
+assert offline.BeamSearchOfflineMixin.beam_search._safeinfer
+assert online.BeamSearchOnlineMixin.beam_search._safeinfer
+print("ok")
+"""
+
+
+def test_workers_do_not_import_the_beam_search_entrypoints():
+    """register() runs in every vLLM process; the beam-search refusal is installed when
+    the frontend imports those modules, not by importing them everywhere."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", WORKER_SCRIPT], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr

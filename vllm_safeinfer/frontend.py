@@ -8,9 +8,17 @@ engines in one process (tests, a Ray actor) each validate against their own conf
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
+import logging
+import sys
+from collections.abc import Callable
 from contextvars import ContextVar
+from types import ModuleType
 
 from vllm_safeinfer.config import SafeInferConfig
+
+logger = logging.getLogger(__name__)
 
 _validating: ContextVar[SafeInferConfig | None] = ContextVar("safeinfer_config", default=None)
 
@@ -55,22 +63,80 @@ BEAM_SEARCH_REFUSED = (
 
 def _refuse_beam_search() -> None:
     """Beam search ranks candidates by raw logprobs: with SafeInfer configured it would
-    silently ignore the mixing, so it is refused."""
-    from vllm.entrypoints.generate.beam_search.offline import BeamSearchOfflineMixin
-    from vllm.entrypoints.generate.beam_search.online import BeamSearchOnlineMixin
+    silently ignore the mixing, so it is refused. The two beam-search entrypoints belong
+    to the frontend; they are patched when something imports them, so the engine core
+    and the workers, which load this plugin too, never import them."""
+    patch_on_import("vllm.entrypoints.generate.beam_search.offline", _refuse_offline)
+    patch_on_import("vllm.entrypoints.generate.beam_search.online", _refuse_online)
 
-    offline, online = BeamSearchOfflineMixin.beam_search, BeamSearchOnlineMixin.beam_search
 
-    def offline_beam_search(self, *args, **kwargs):
+def _refuse_offline(module: ModuleType) -> None:
+    mixin = module.BeamSearchOfflineMixin
+    original = mixin.beam_search
+
+    def beam_search(self, *args, **kwargs):
         if SafeInferConfig.from_additional_config(self.llm_engine.vllm_config.additional_config):
             raise ValueError(BEAM_SEARCH_REFUSED)
-        return offline(self, *args, **kwargs)
+        return original(self, *args, **kwargs)
 
-    async def online_beam_search(self, *args, **kwargs):
+    beam_search._safeinfer = True
+    mixin.beam_search = beam_search
+
+
+def _refuse_online(module: ModuleType) -> None:
+    mixin = module.BeamSearchOnlineMixin
+    original = mixin.beam_search
+
+    async def beam_search(self, *args, **kwargs):
         if SafeInferConfig.from_additional_config(self.engine_client.vllm_config.additional_config):
             raise ValueError(BEAM_SEARCH_REFUSED)
-        async for output in online(self, *args, **kwargs):
+        async for output in original(self, *args, **kwargs):
             yield output
 
-    BeamSearchOfflineMixin.beam_search = offline_beam_search
-    BeamSearchOnlineMixin.beam_search = online_beam_search
+    beam_search._safeinfer = True
+    mixin.beam_search = beam_search
+
+
+def patch_on_import(name: str, patch: Callable[[ModuleType], None]) -> None:
+    """Run `patch` on module `name` now if it is imported, else right after its import.
+    A module whose shape changed is left as it is (vLLM must keep importing) and named
+    in `UNPATCHED`, which fails the start of an engine that configures SafeInfer."""
+    module = sys.modules.get(name)
+    if module is not None:
+        _patch_or_record(module, patch)
+    else:
+        sys.meta_path.insert(0, _PatchAfterImport(name, patch))
+
+
+UNPATCHED: list[str] = []
+
+
+def _patch_or_record(module: ModuleType, patch: Callable[[ModuleType], None]) -> None:
+    try:
+        patch(module)
+    except AttributeError as err:
+        UNPATCHED.append(f"{module.__name__} ({err})")
+        logger.warning("SafeInfer cannot guard %s on this vLLM: %s", module.__name__, err)
+
+
+class _PatchAfterImport(importlib.abc.MetaPathFinder):
+    """A finder that steps aside for the real one, then patches what it loaded."""
+
+    def __init__(self, name: str, patch: Callable[[ModuleType], None]) -> None:
+        self.name = name
+        self.patch = patch
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            exec_module = spec.loader.exec_module
+
+            def exec_and_patch(module: ModuleType) -> None:
+                exec_module(module)
+                _patch_or_record(module, self.patch)
+
+            spec.loader.exec_module = exec_and_patch
+        return spec

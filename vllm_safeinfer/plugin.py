@@ -97,12 +97,19 @@ def check_startup(vllm_config, config: SafeInferConfig) -> None:
 def _hook_engine_config() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
+    from vllm_safeinfer.compat import supported_vllm_range
+
     original = EngineArgs.create_engine_config
     if getattr(original, "_safeinfer", False):
         return
 
     def create_engine_config(self, *args, **kwargs):
+        from vllm_safeinfer.frontend import UNPATCHED
+
         config = SafeInferConfig.from_additional_config(self.additional_config)
+        if config is not None and UNPATCHED:
+            raise RuntimeError("SafeInfer cannot guard this vLLM's " + "; ".join(UNPATCHED)
+                               + f". Supported vLLM: {supported_vllm_range()}.")
         if config is not None:
             self.logits_processors = with_processor(self.logits_processors)
             if os.environ.get(V2_RUNNER_ENV) != "0":
