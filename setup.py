@@ -42,6 +42,7 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["safeinfer = vllm_safeinfer.plugin:register"],
+        "vllm.stat_logger_plugins": ["safeinfer = vllm_safeinfer.metrics:SafeInferStatLogger"],
         "console_scripts": ["safeinfer = vllm_safeinfer.cli:main"],
     },
 )

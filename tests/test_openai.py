@@ -227,3 +227,41 @@ def test_readme_client_examples_run_as_written(client, server):
                if line.strip()]
     assert answers[0]["choices"][0]["message"]["role"] == "assistant"
     assert answers[1]["configured"] is True and answers[1]["defaults"]["mode"] == "sa"
+
+
+def scrape(base: str) -> dict[tuple[str, str], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    return {(sample.name, sample.labels.get("mode", "")): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name.startswith("vllm_safeinfer:")}
+
+
+def test_metrics_per_mode_in_vllms_prometheus_endpoint(client, server):
+    import time
+
+    openai, model = client
+    base, _ = server
+    before = scrape(base)
+    for mode in MODES:
+        for prompt in PROMPTS[:3]:
+            openai.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS,
+                                      temperature=0.0,
+                                      extra_body={**xargs(mode), "ignore_eos": True})
+
+    def delta(name: str, mode: str = "") -> float:
+        return after.get((name, mode), 0.0) - before.get((name, mode), 0.0)
+
+    deadline = time.time() + 30
+    while True:  # vLLM records finished-request stats just after answering
+        after = scrape(base)
+        counted = [delta("vllm_safeinfer:requests_total", m) for m in MODES]
+        if counted == [3] * 4 or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert counted == [3] * 4
+    assert [delta("vllm_safeinfer:generation_tokens_total", m) for m in MODES] == [
+        3 * MAX_TOKENS] * 4
+    changed = delta("vllm_safeinfer:mixing_changed_tokens_total")
+    assert 0 < changed <= 2 * 3 * MAX_TOKENS  # sgds and safeinfer rows only

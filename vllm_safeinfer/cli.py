@@ -275,6 +275,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
             command = vllm_command(args.model, safeinfer_dict(args), args.vllm_args)
         except ValueError as err:
             p.error(str(err))
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            # Prometheus's multiprocess mode, so the workers' counters reach /metrics.
+            import tempfile
+
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="safeinfer-metrics-")
         print("+ " + " ".join(command), flush=True)
         os.execv(command[0], command)
 

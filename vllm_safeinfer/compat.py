@@ -9,6 +9,7 @@ import importlib.metadata
 REQUIRED_INTERNALS: tuple[tuple[str, str], ...] = (
     ("vllm.engine.arg_utils", "EngineArgs.create_engine_config"),
     ("vllm.v1.engine.input_processor", "InputProcessor._validate_params"),
+    ("vllm.v1.engine.input_processor", "InputProcessor.process_inputs"),
     ("vllm.v1.core.kv_cache_utils", "_gen_prompt_embeds_extra_hash_keys"),
     ("vllm.v1.engine.core", "EngineCore.preprocess_add_request"),
     ("vllm.v1.worker.gpu_worker", "Worker.load_model"),

@@ -5,6 +5,7 @@ names or whether an expert is loaded need the server's config. The frontend's
 `InputProcessor` knows it: while it validates a request, the parsed config sits in a
 context variable that `validate_params` reads. A context variable, not a global, so two
 engines in one process (tests, a Ray actor) each validate against their own config.
+Each admitted request's mode is noted for the per-mode metrics (`metrics`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from contextvars import ContextVar
 from types import ModuleType
 
 from vllm_safeinfer.config import SafeInferConfig
+from vllm_safeinfer.metrics import note_mode
+from vllm_safeinfer.request_options import resolve_or_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +52,19 @@ def install() -> None:
         finally:
             _validating.reset(token)
 
+    original_process = InputProcessor.process_inputs
+
+    def process_inputs(self, request_id, *args, **kwargs):
+        request = original_process(self, request_id, *args, **kwargs)
+        config = getattr(self, "_safeinfer_config", None)
+        if config is not None and request.sampling_params is not None:
+            settings, _ = resolve_or_defaults(request.sampling_params.extra_args, config)
+            note_mode(request_id, settings.mode)
+        return request
+
     InputProcessor.__init__ = __init__
     InputProcessor._validate_params = _validate_params
+    InputProcessor.process_inputs = process_inputs
     InputProcessor._safeinfer_hooked = True
     _refuse_beam_search()
 

@@ -18,6 +18,7 @@ from vllm_safeinfer.batch_state import BatchState, VectorTable
 from vllm_safeinfer.config import SafeInferConfig
 from vllm_safeinfer.expert import ExpertLogits
 from vllm_safeinfer.kernels.mix import mix_
+from vllm_safeinfer.metrics import counters
 from vllm_safeinfer.request_options import resolve_or_defaults, resolve_request
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,10 @@ class SafeInferLogitsProcessor(LogitsProcessor):
         num_rows = logits.shape[0]
         if state is None or expert is None or not state.any_mixing(num_rows):
             return logits
-        mix_(logits, expert.take(num_rows), state.lam[:num_rows], state.mixes[:num_rows],
-             self.vocab_size)
+        mixing = state.mixes[:num_rows]
+        before = logits[:, :self.vocab_size].argmax(dim=-1)
+        mix_(logits, expert.take(num_rows), state.lam[:num_rows], mixing, self.vocab_size)
+        changed = int(((logits[:, :self.vocab_size].argmax(dim=-1) != before) & mixing).sum())
+        if changed:
+            counters()["changed"].inc(changed)
         return logits
