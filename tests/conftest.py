@@ -2,6 +2,7 @@
 wall time."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -67,16 +68,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(tiny_assets, tmp_path_factory):
-    """`safeinfer serve` of tiny-llama with its expert, default mode `sa`, as a real
-    subprocess on 127.0.0.1: (base URL, assets)."""
-    assets = tiny_assets("tiny-llama")
-    config_file = tmp_path_factory.mktemp("server") / "safeinfer.json"
-    config_file.write_text(json.dumps(assets.safeinfer_config(mode="off")))
+@contextlib.contextmanager
+def serving(model: str, config: dict, folder, *flags: str):
+    """`safeinfer serve` as a real subprocess on 127.0.0.1 with `config` as its
+    `--safeinfer-config` file; yields the base URL once /health answers."""
+    config_file = folder / "safeinfer.json"
+    config_file.write_text(json.dumps(config))
     port = _free_port()
-    command = [sys.executable, "-m", "vllm_safeinfer.cli", "serve", assets.model,
-               "--safeinfer-config", str(config_file), "--safeinfer-mode", "sa",
+    command = [sys.executable, "-m", "vllm_safeinfer.cli", "serve", model,
+               "--safeinfer-config", str(config_file), *flags,
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
                "--max-model-len", "512", "--block-size", "32", "--enforce-eager",
                "--max-num-seqs", "8"]
@@ -94,10 +94,20 @@ def server(tiny_assets, tmp_path_factory):
                 pass
             assert time.time() < deadline, "the server did not start in time"
             time.sleep(1)
-        yield base, assets
+        yield base
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_assets, tmp_path_factory):
+    """`safeinfer serve` of tiny-llama with its expert, default mode `sa`: (base URL,
+    assets)."""
+    assets = tiny_assets("tiny-llama")
+    with serving(assets.model, assets.safeinfer_config(mode="off"),
+                 tmp_path_factory.mktemp("server"), "--safeinfer-mode", "sa") as base:
+        yield base, assets
 
 
 @pytest.fixture(scope="session")

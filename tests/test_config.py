@@ -12,7 +12,7 @@ from vllm_safeinfer import frontend
 from vllm_safeinfer.batch_state import BatchState, VectorTable
 from vllm_safeinfer.config import SafeInferConfig
 from vllm_safeinfer.modes import Mode
-from vllm_safeinfer.request_options import RequestSettings, resolve_request
+from vllm_safeinfer.request_options import RequestSettings, resolve_or_defaults, resolve_request
 from vllm_safeinfer.config_flags import safeinfer_dict
 from vllm_safeinfer.serve import add_arguments, vllm_command
 
@@ -89,6 +89,26 @@ def test_enforce_refuses_any_option_through_validate_params(assets):
         frontend._validating.reset(token)
     with pytest.raises(ValueError, match="not configured on this server"):
         SafeInferLogitsProcessor.validate_params(SamplingParams(extra_args={"safeinfer_mode": "sa"}))
+
+
+WEAKENING = [{"safeinfer_mode": "off"}, {"safeinfer_mode": "sa"}, {"safeinfer_mode": "sgds"},
+             {"safeinfer_mode": "safeinfer"}, {"safeinfer_gamma": 0.0}, {"safeinfer_lam": 0.0},
+             {"safeinfer_vector": "b"}, {"safeinfer_mode": "safeinfer", "safeinfer_lam": 0.99}]
+
+
+@pytest.mark.parametrize("options", WEAKENING, ids=str)
+def test_enforce_refuses_every_change_and_holds_inside_the_engine(assets, options):
+    """With `enforce`, any request option is refused at the boundary, even one that
+    restates the server's own settings; a request that reaches the engine unvalidated runs
+    with the enforced settings anyway. Without `enforce`, the same options are allowed."""
+    enforced = SafeInferConfig.from_dict(assets.safeinfer_config(mode="safeinfer", enforce=True))
+    with pytest.raises(ValueError, match="enforces its SafeInfer configuration"):
+        resolve_request(options, enforced)
+    settings, error = resolve_or_defaults(options, enforced)
+    assert error is not None and settings == resolve_request({}, enforced)
+    assert settings.mode is Mode.SAFEINFER and settings.vector == "a"
+    allowed = SafeInferConfig.from_dict(assets.safeinfer_config(mode="safeinfer"))
+    assert resolve_or_defaults(options, allowed)[1] is None
 
 
 def test_gamma_precedence_request_then_config_then_file(assets):

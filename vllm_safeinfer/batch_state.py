@@ -16,6 +16,8 @@ from vllm_safeinfer.config import SafeInferConfig
 from vllm_safeinfer.request_options import RequestSettings
 from vllm_safeinfer.vectors import SafetyVector
 
+RELOAD_SLOTS = 16
+
 
 @dataclass(frozen=True)
 class LoadedVector:
@@ -30,28 +32,71 @@ class LoadedVector:
 
 
 class VectorTable:
-    """The server's named safety vectors as one `[V, hidden]` fp32 table."""
+    """The server's named safety vectors as one `[rows, hidden]` fp32 table.
+
+    With a `vector_dir`, `RELOAD_SLOTS` spare rows take vectors published while the server
+    runs. A published vector gets a fresh row and a new version of its name; rows are never
+    reused, so a running request keeps the contents it started with, and every version has
+    its own prefix-cache identity (the engine core stamps the version on each request)."""
 
     def __init__(self, config: SafeInferConfig, model_config) -> None:
         self.entries: dict[str, LoadedVector] = {}
+        self.versions: dict[tuple[str, int], LoadedVector] = {}
+        self._config = config
+        self._model_config = model_config
         rows = []
-        total = model_config.hf_config.num_hidden_layers
         for index, (name, path) in enumerate(sorted(config.vectors.items())):
             vector = SafetyVector.load(path)
-            vector.check_compatible(model_config)
-            layer = vector.layer if config.layer is None else config.layer
-            if not 0 <= layer < total:
-                raise ValueError(
-                    f"safety vector {name!r} ({path}): layer {layer} is outside the model's "
-                    f"{total} decoder layers"
-                )
-            gamma = float(config.gamma if config.gamma is not None else vector.gamma)
-            dose = vector.relative_dose(gamma) if layer == vector.layer else None
-            self.entries[name] = LoadedVector(index, layer, gamma, dose)
+            entry = self._entry(name, path, vector, index)
+            self.entries[name] = self.versions[(name, 0)] = entry
             rows.append(vector.vector.float())
         hidden = model_config.get_hidden_size()
-        self.table = torch.stack(rows) if rows else torch.zeros(1, hidden)
-        self.layers: tuple[int, ...] = tuple(sorted({e.layer for e in self.entries.values()}))
+        spare = RELOAD_SLOTS if config.vector_dir is not None else 0
+        self.table = torch.zeros(len(rows) + spare or 1, hidden)
+        if rows:
+            self.table[:len(rows)] = torch.stack(rows)
+        self._used = len(rows)
+        self.layers: tuple[int, ...] = tuple(sorted(
+            {e.layer for e in self.entries.values()}
+            | ({config.layer} if config.layer is not None and config.vector_dir else set())))
+
+    def _entry(self, name: str, path: str, vector: SafetyVector, index: int) -> LoadedVector:
+        config, model_config = self._config, self._model_config
+        vector.check_compatible(model_config)
+        total = model_config.hf_config.num_hidden_layers
+        layer = vector.layer if config.layer is None else config.layer
+        if not 0 <= layer < total:
+            raise ValueError(
+                f"safety vector {name!r} ({path}): layer {layer} is outside the model's "
+                f"{total} decoder layers"
+            )
+        gamma = float(config.gamma if config.gamma is not None else vector.gamma)
+        dose = vector.relative_dose(gamma) if layer == vector.layer else None
+        return LoadedVector(index, layer, gamma, dose)
+
+    def check_publishable(self, name: str, path: str, vector: SafetyVector) -> LoadedVector:
+        """The entry `vector` would get, or ValueError saying why it cannot be published."""
+        if self._config.vector_dir is None:
+            raise ValueError("this server has no vector_dir: vectors cannot be published")
+        if self._used >= self.table.shape[0]:
+            raise ValueError(f"all {RELOAD_SLOTS} slots for published vectors are used: "
+                             "restart the server to publish more")
+        entry = self._entry(name, path, vector, self._used)
+        if entry.layer not in self.layers:
+            raise ValueError(f"{path} steers layer {entry.layer}, which this server does not "
+                             f"steer (steered: {list(self.layers)}); restart with it configured")
+        return entry
+
+    def publish(self, name: str, path: str, vector: SafetyVector, version: int) -> LoadedVector:
+        entry = self.check_publishable(name, path, vector)
+        self.table[entry.index] = vector.vector.float()
+        self._used += 1
+        self.entries[name] = self.versions[(name, version)] = entry
+        return entry
+
+    def entry(self, name: str, version: int) -> LoadedVector:
+        """The entry a request stamped with `version` of `name` steers with."""
+        return self.versions.get((name, version), self.entries[name])
 
 
 class BatchState:
@@ -106,12 +151,19 @@ class BatchState:
         """Host-side check, no device sync."""
         return bool(self._host["mixes"][:num_rows].any())
 
-    def set_row(self, row: int, settings: RequestSettings, prompt_len: int) -> None:
+    def publish(self, name: str, path: str, vector: SafetyVector, version: int) -> None:
+        """Add a vector version; its row is copied to the device table in place (the
+        address the steering kernel and CUDA graphs read never changes)."""
+        entry = self.vectors.publish(name, path, vector, version)
+        self.vector_table[entry.index].copy_(self.vectors.table[entry.index])
+
+    def set_row(self, row: int, settings: RequestSettings, prompt_len: int,
+                version: int = 0) -> None:
         self.clear_row(row)
         h = self._host
         h["prompt_len"][row] = prompt_len
         if settings.mode.steers:
-            entry = self.vectors.entries[settings.vector]
+            entry = self.vectors.entry(settings.vector, version)
             gamma = entry.gamma if settings.gamma is None else settings.gamma
             h["scale"][self.layer_slot[entry.layer], row] = gamma
             h["vector_id"][row] = entry.index

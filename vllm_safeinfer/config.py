@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,7 @@ class SafeInferConfig:
     expert_dtype: str | None = None
     lam: float = DEFAULT_LAM
     allow_other_model_vectors: bool = False
+    vector_dir: str | None = None
 
     @property
     def has_expert(self) -> bool:
@@ -76,7 +77,8 @@ class SafeInferConfig:
         if not isinstance(raw, Mapping):
             raise ValueError(f"{CONFIG_KEY} config must be a JSON object, got {raw!r}")
         known = {"vector", "vectors", "default_vector", "layer", "gamma", "mode", "enforce",
-                 "expert_model", "expert_dtype", "lam", "allow_other_model_vectors"}
+                 "expert_model", "expert_dtype", "lam", "allow_other_model_vectors",
+                 "vector_dir"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(
@@ -135,6 +137,8 @@ class SafeInferConfig:
             expert_dtype=expert_dtype,
             lam=check_lam(f"{CONFIG_KEY}.lam", raw.get("lam", DEFAULT_LAM)),
             allow_other_model_vectors=allow_other,
+            vector_dir=(None if raw.get("vector_dir") is None
+                        else _path(f"{CONFIG_KEY}.vector_dir", raw["vector_dir"])),
         )
         config.check_mode_supported(config.mode, f"{CONFIG_KEY}.mode", vector=None)
         return config
@@ -164,6 +168,10 @@ class SafeInferConfig:
                 f"{key} {mode.value!r} needs an expert model, and none is configured "
                 f"({CONFIG_KEY}.expert_model)"
             )
+
+    def with_vector(self, name: str, path: str) -> SafeInferConfig:
+        """This config with vector `name` (added or replaced) read from `path`."""
+        return replace(self, vectors={**self.vectors, name: path})
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form, accepted back by `from_dict`."""

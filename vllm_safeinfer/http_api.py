@@ -15,8 +15,10 @@ same rule itself: with `--api-key` (or `VLLM_API_KEY`) set, a request without th
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -24,18 +26,19 @@ from typing import Any
 from vllm_safeinfer.config import SafeInferConfig
 
 PATH = "/v1/safeinfer"
+VECTORS_PATH = "/v1/safeinfer/vectors"
+VECTOR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 MIDDLEWARE = f"{__name__}.safeinfer_endpoints"
 
 
-def describe(vllm_config) -> dict[str, Any]:
-    """The configuration as `GET /v1/safeinfer` reports it."""
+def describe(config: SafeInferConfig | None, model_config) -> dict[str, Any]:
+    """The configuration as `GET /v1/safeinfer` reports it (published vectors included)."""
     from vllm_safeinfer.batch_state import VectorTable
 
-    config = SafeInferConfig.from_additional_config(vllm_config.additional_config)
     if config is None:
         return {"configured": False}
-    table = VectorTable(config, vllm_config.model_config)
+    table = VectorTable(config, model_config)
     return {
         "configured": True,
         "vectors": {name: {"layer": entry.layer, "default_gamma": entry.gamma,
@@ -76,10 +79,7 @@ async def check_options(request) -> str | None:
     """The error in a generation request's raw SafeInfer options, if any."""
     from vllm_safeinfer.request_options import resolve_request
 
-    state = request.app.state
-    if not hasattr(state, "safeinfer_config"):
-        state.safeinfer_config = SafeInferConfig.from_additional_config(
-            state.vllm_config.additional_config)
+    config = _config(request.app.state)
     try:
         body = json.loads(await request.body())
     except ValueError:
@@ -88,7 +88,7 @@ async def check_options(request) -> str | None:
     if not isinstance(xargs, dict):
         return None
     try:
-        resolve_request(xargs, state.safeinfer_config)
+        resolve_request(xargs, config)
     except ValueError as err:
         return str(err)
     return None
@@ -100,13 +100,76 @@ async def safeinfer_endpoints(request, call_next: Callable[[Any], Awaitable[Any]
     if request.url.path in GENERATION_PATHS and request.method == "POST":
         error = await check_options(request)
         return bad_request(error) if error else await call_next(request)
-    if request.url.path != PATH:
+    if request.url.path not in (PATH, VECTORS_PATH):
         return await call_next(request)
     state = request.app.state
     if not authorized(request.headers, api_keys(state.args)):
         return JSONResponse({"error": "unauthorized: send the server's API key"}, 401)
+    if request.url.path == VECTORS_PATH:
+        if request.method != "POST":
+            return JSONResponse({"error": f"{VECTORS_PATH} takes POST"}, 405)
+        return await publish(request)
     if request.method != "GET":
         return JSONResponse({"error": f"{PATH} is read-only: use GET"}, 405)
     if not hasattr(state, "safeinfer_description"):
-        state.safeinfer_description = describe(state.vllm_config)
+        state.safeinfer_description = describe(_config(state), state.vllm_config.model_config)
     return JSONResponse(state.safeinfer_description)
+
+
+async def publish(request):
+    """`POST /v1/safeinfer/vectors {"name": NAME}`: load `vector_dir/NAME.safetensors`
+    (the folder the operator configured; requests still never name files) as a new
+    version of vector NAME, in every worker, then in the engine core, then here: from the
+    engine core's switch on, new requests naming NAME steer with it and get its cache
+    identity; running ones keep the contents they started with."""
+    from fastapi.responses import JSONResponse
+
+    from vllm_safeinfer.batch_state import VectorTable
+    from vllm_safeinfer.model_identity import check_vector_model
+    from vllm_safeinfer.vectors import SafetyVector
+
+    state = request.app.state
+    config = _config(state)
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        return bad_request(f"{VECTORS_PATH} takes a JSON object {{\"name\": NAME}}")
+    name = body.get("name") if isinstance(body, dict) else None
+    if config is None or config.vector_dir is None:
+        return bad_request("this server has no safeinfer.vector_dir to publish vectors from")
+    if not isinstance(name, str) or not VECTOR_NAME.fullmatch(name):
+        return bad_request(f"name must match {VECTOR_NAME.pattern} (a file name in the "
+                           f"server's vector_dir, without .safetensors), got {name!r}")
+    path = str(Path(config.vector_dir) / f"{name}.safetensors")
+    if not hasattr(state, "safeinfer_lock"):
+        state.safeinfer_lock = asyncio.Lock()
+        state.safeinfer_table = VectorTable(config, state.vllm_config.model_config)
+        state.safeinfer_version = 0
+    async with state.safeinfer_lock:
+        try:
+            vector = SafetyVector.load(path)
+            state.safeinfer_table.check_publishable(name, path, vector)
+            check_vector_model(vector, state.vllm_config.model_config,
+                               allow_other_model=config.allow_other_model_vectors)
+        except (OSError, ValueError) as err:
+            return bad_request(f"vector {name!r}: {err}")
+        version = state.safeinfer_version + 1
+        engine = state.engine_client
+        await engine.collective_rpc("safeinfer_publish_vector", args=(name, path, version))
+        await engine.engine_core.call_utility_async("safeinfer_publish_vector", name, path,
+                                                    version)
+        entry = state.safeinfer_table.publish(name, path, vector, version)
+        state.safeinfer_version = version
+        state.safeinfer_config = config.with_vector(name, path)
+        engine.input_processor._safeinfer_config = state.safeinfer_config
+        if hasattr(state, "safeinfer_description"):
+            del state.safeinfer_description
+    return JSONResponse({"name": name, "version": version, "layer": entry.layer,
+                         "default_gamma": entry.gamma, "relative_dose": entry.dose})
+
+
+def _config(state) -> SafeInferConfig | None:
+    if not hasattr(state, "safeinfer_config"):
+        state.safeinfer_config = SafeInferConfig.from_additional_config(
+            state.vllm_config.additional_config)
+    return state.safeinfer_config

@@ -19,6 +19,7 @@ from vllm_safeinfer.config import SafeInferConfig
 from vllm_safeinfer.expert import ExpertLogits
 from vllm_safeinfer.kernels.mix import mix_
 from vllm_safeinfer.metrics import counters
+from vllm_safeinfer.prefix_cache import VERSION_ARG
 from vllm_safeinfer.request_options import resolve_or_defaults, resolve_request
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ class SafeInferLogitsProcessor(LogitsProcessor):
                 if error is not None:
                     logger.warning("SafeInfer: a request's options do not resolve (%s); it "
                                    "runs with the server's defaults", error)
-                state.set_row(row, settings, len(prompt_ids or ()))
+                version = (params.extra_args or {}).get(VERSION_ARG, 0)
+                state.set_row(row, settings, len(prompt_ids or ()), version)
             for a, b, direction in batch_update.moved:
                 if direction == MoveDirectionality.SWAP:
                     state.swap(a, b)

@@ -145,3 +145,10 @@ def _hook_worker() -> None:
 
     load_model._safeinfer = True
     Worker.load_model = load_model
+
+    def safeinfer_publish_vector(self, name: str, path: str, version: int) -> None:
+        from vllm_safeinfer.worker import publish_vector
+
+        publish_vector(self, name, path, version)
+
+    Worker.safeinfer_publish_vector = safeinfer_publish_vector

@@ -25,6 +25,8 @@ from vllm_safeinfer.request_options import resolve_or_defaults
 logger = logging.getLogger(__name__)
 
 KV_KEY_ARG = "_safeinfer_kv"
+VERSION_ARG = "_safeinfer_vector_version"
+STAMPS = (KV_KEY_ARG, VERSION_ARG)
 
 
 def steering_block_key(request, end_token_idx: int) -> tuple | None:
@@ -39,22 +41,25 @@ def steering_block_key(request, end_token_idx: int) -> tuple | None:
     return ("safeinfer", key, boundary)
 
 
-def stamp_steering_identity(request, config: SafeInferConfig | None) -> None:
-    """Write the engine core's own steering identity into an `EngineCoreRequest`'s
-    `extra_args`, replacing whatever the request carried under that key."""
+def stamp_steering_identity(request, config: SafeInferConfig | None,
+                            versions: dict[str, int]) -> None:
+    """Write the engine core's own steering identity (and the version of the vector it
+    steers with, which the worker reads) into an `EngineCoreRequest`'s `extra_args`,
+    replacing whatever the request carried under those keys."""
     params = request.sampling_params
     if params is None:
         return
-    extra_args = {k: v for k, v in (params.extra_args or {}).items() if k != KV_KEY_ARG}
+    extra_args = {k: v for k, v in (params.extra_args or {}).items() if k not in STAMPS}
     if config is not None:
         settings, error = resolve_or_defaults(extra_args, config)
         if error is not None:
             logger.warning("SafeInfer: request %s reached the engine with options that do not "
                            "resolve (%s); it runs with the server's defaults",
                            request.request_id, error)
-        key = settings.kv_key()
-        if key is not None:
-            extra_args[KV_KEY_ARG] = key
+        if settings.mode.steers:
+            version = versions.get(settings.vector, 0)
+            extra_args[KV_KEY_ARG] = settings.kv_key(version)
+            extra_args[VERSION_ARG] = version
     params.extra_args = extra_args or None
 
 
@@ -73,13 +78,25 @@ def install() -> None:
 
     original_preprocess = EngineCore.preprocess_add_request
 
-    def preprocess_add_request(self, request):
+    def safeinfer_state(self) -> tuple[SafeInferConfig | None, dict[str, int]]:
         if not hasattr(self, "_safeinfer_config"):
             self._safeinfer_config = SafeInferConfig.from_additional_config(
                 self.vllm_config.additional_config)
-        stamp_steering_identity(request, self._safeinfer_config)
+            self._safeinfer_versions = {}
+        return self._safeinfer_config, self._safeinfer_versions
+
+    def preprocess_add_request(self, request):
+        stamp_steering_identity(request, *safeinfer_state(self))
         return original_preprocess(self, request)
+
+    def safeinfer_publish_vector(self, name: str, path: str, version: int) -> None:
+        """Utility call from the frontend, after every worker loaded the version: from
+        now on requests naming `name` steer with (and are keyed by) `version`."""
+        config, versions = safeinfer_state(self)
+        self._safeinfer_config = config.with_vector(name, path)
+        versions[name] = version
 
     _gen_prompt_embeds_extra_hash_keys._safeinfer = True
     kv_cache_utils._gen_prompt_embeds_extra_hash_keys = _gen_prompt_embeds_extra_hash_keys
     EngineCore.preprocess_add_request = preprocess_add_request
+    EngineCore.safeinfer_publish_vector = safeinfer_publish_vector

@@ -29,14 +29,15 @@ class RequestSettings:
     gamma: float | None = None
     lam: float | None = None
 
-    def kv_key(self) -> str | None:
+    def kv_key(self, version: int = 0) -> str | None:
         """Identity of the steering that shapes this request's KV cache (None when
         unsteered): requests with different keys must never share prefix-cache blocks
-        from the first steered position on."""
+        from the first steered position on. `version` counts the vector's publications
+        (0: as configured at start-up)."""
         if not self.mode.steers:
             return None
         gamma = "default" if self.gamma is None else repr(self.gamma)
-        return hashlib.sha256(f"{self.vector}|{gamma}".encode()).hexdigest()[:16]
+        return hashlib.sha256(f"{self.vector}|{version}|{gamma}".encode()).hexdigest()[:16]
 
 
 def resolve_request(extra_args: Mapping[str, Any] | None,

@@ -49,3 +49,13 @@ def install_into_worker(worker, config: SafeInferConfig) -> None:
             "unknown (the file records no residual norm)" if entry.dose is None
             else f"{entry.dose:.3g}",
         )
+
+
+def publish_vector(worker, name: str, path: str, version: int) -> None:
+    """`Worker.safeinfer_publish_vector`, reached through vLLM's `collective_rpc` when an
+    operator publishes a vector: load it into this worker's table as a new version."""
+    from vllm_safeinfer.vectors import SafetyVector
+
+    processor = find_logits_processor(worker.model_runner)
+    processor.state.publish(name, path, SafetyVector.load(path), version)
+    processor.config = processor.config.with_vector(name, path)
