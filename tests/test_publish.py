@@ -71,6 +71,10 @@ def test_publishing_needs_the_key_and_a_file_in_the_folder(admin):
         assert response.status_code == 400 and message in response.text, (name, response.text)
     refused = complete(base, model, [5, 6, 7], {"safeinfer_mode": "sa", "safeinfer_vector": "c"})
     assert refused.status_code == 400 and "safeinfer_vector" in refused.text
+    # This server has no expert: the mixing modes are refused, naming the option.
+    for mode in ("sgds", "safeinfer"):
+        refused = complete(base, model, [5, 6, 7], {"safeinfer_mode": mode})
+        assert refused.status_code == 400 and "needs an expert model" in refused.text
 
 
 def test_published_and_replaced_vectors_steer_exactly(admin, references):
