@@ -10,10 +10,18 @@ interleaved (repeat by repeat) under the same machine conditions:
 - `sgds`, `safeinfer`: one engine with the plugin, the vector and the expert;
 - `hf`: `vllm_safeinfer.reference` (HF transformers, batched) in mode safeinfer.
 
-Writes `<out>/throughput_runs.csv` (every measurement) and `<out>/throughput.csv`
-(`mode,batch_size,tokens_per_s`, the median over repeats), and prints the ratios.
+Any model: limits come from the model (or `--max-model-len`); prompts are the
+chat-formatted AdvBench evaluation goals, or `--input-len` synthetic token ids.
+Per mode and batch size it records tokens/s, the time per decoding step (ms per output
+token of each request) and the peak resident memory of the engine's processes (their
+high-water marks summed; device memory in use on a GPU), over interleaved repeats.
+
+Writes into `--out`: `throughput_runs.csv` (every measurement), `throughput.csv`
+(min / median / max per mode and batch size), `throughput.md` (the table and the ratios,
+each ratio with its spread over the repeats) and `throughput.png`; prints the ratios.
 
     python benchmarks/throughput.py --model smollm2-135m-instruct --batch-sizes 1 8 32 128
+    python benchmarks/throughput.py --quick --out /tmp/bench     # a tiny model, seconds
 """
 from __future__ import annotations
 
@@ -33,12 +41,42 @@ ENGINE_OF_MODE = {
 REQUEST_MODE = {"off": "off", "sa": "sa", "sgds": "sgds", "safeinfer": "safeinfer"}
 
 
-def _prompts(tokenizer, count: int) -> list[list[int]]:
+def _prompts(tokenizer, count: int, input_len: int | None) -> list[list[int]]:
+    """`count` prompts: `input_len` seeded random token ids each, or chat-formatted
+    AdvBench evaluation goals."""
+    if input_len is not None:
+        import random
+
+        rng = random.Random(0)
+        return [[rng.randrange(10, len(tokenizer) - 10) for _ in range(input_len)]
+                for _ in range(count)]
     from vllm_safeinfer.data import advbench_split
     from vllm_safeinfer.models import chat_prompt_ids
 
     goals = [row.goal for row in advbench_split().evaluation]
     return chat_prompt_ids(tokenizer, [goals[i % len(goals)] for i in range(count)])
+
+
+def _peak_memory_mb() -> float:
+    """Peak memory of this engine: device memory in use on a GPU, else the resident
+    high-water marks (VmHWM) of this process and every process it started."""
+    import psutil
+    import torch
+
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        return (total - free) / 2**20
+    peak = 0
+    me = psutil.Process()
+    for process in (me, *me.children(recursive=True)):
+        try:
+            status = Path(f"/proc/{process.pid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                peak += int(line.split()[1]) * 1024
+    return peak / 2**20
 
 
 def _extra_args(mode: str, index: int) -> dict | None:
@@ -64,7 +102,8 @@ def _serve_engine(conn, kind: str, settings: dict) -> None:
     conn.send("ready")
     while (message := conn.recv()) is not None:
         mode, batch_size = message
-        conn.send(run(mode, batch_size))
+        tokens_per_s, step_ms = run(mode, batch_size)
+        conn.send((tokens_per_s, step_ms, _peak_memory_mb()))
     if close is not None:
         close()
 
@@ -80,19 +119,21 @@ def _vllm_runner(kind: str, model: str, settings: dict, tokenizer):
     # No prefix caching: every mode re-runs the same prompts, and a mode measured after
     # another on the same engine would otherwise skip their prefill.
     llm = LLM(model=model, tokenizer=settings["model"], dtype=settings["dtype"],
-              max_model_len=1024, block_size=32, seed=0, enable_prefix_caching=False,
+              max_model_len=settings["max_model_len"], block_size=32, seed=0,
+              enable_prefix_caching=False,
               enforce_eager=settings["eager"], max_num_seqs=max(settings["batch_sizes"]),
               additional_config={"safeinfer": safeinfer} if safeinfer else {})
 
-    def run(mode: str, batch_size: int) -> float:
-        prompts = _prompts(tokenizer, batch_size)
+    def run(mode: str, batch_size: int) -> tuple[float, float]:
+        prompts = _prompts(tokenizer, batch_size, settings["input_len"])
         params = [SamplingParams(max_tokens=settings["max_tokens"], temperature=0.0,
                                  ignore_eos=True, extra_args=_extra_args(mode, i))
                   for i in range(batch_size)]
         start = time.perf_counter()
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         elapsed = time.perf_counter() - start
-        return sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        return tokens / elapsed, 1000 * elapsed / settings["max_tokens"]
 
     # Without an explicit shutdown the engine's processes outlive the child and the
     # parent's exit waits for them.
@@ -111,12 +152,12 @@ def _hf_runner(settings: dict, tokenizer):
     vector = SafetyVector.load(settings["vector"])
     row = RowSettings(Mode.SAFEINFER, vector=vector.vector, layer=vector.layer, gamma=vector.gamma)
 
-    def run(mode: str, batch_size: int) -> float:
-        prompts = _prompts(tokenizer, batch_size)
+    def run(mode: str, batch_size: int) -> tuple[float, float]:
+        prompts = _prompts(tokenizer, batch_size, settings["input_len"])
         start = time.perf_counter()
         outputs = reference.generate(prompts, row, settings["max_tokens"], ignore_eos=True)
         elapsed = time.perf_counter() - start
-        return sum(len(o) for o in outputs) / elapsed
+        return sum(len(o) for o in outputs) / elapsed, 1000 * elapsed / settings["max_tokens"]
 
     return run
 
@@ -149,7 +190,14 @@ def _resolve_models(args: argparse.Namespace, workdir: Path) -> dict:
                      heads=((0, 0),)).save(vector)
     return {"model": model, "expert": expert, "vector": vector, "dtype": args.dtype,
             "eager": args.eager, "max_tokens": args.max_tokens,
-            "batch_sizes": args.batch_sizes}
+            "batch_sizes": args.batch_sizes, "max_model_len": args.max_model_len,
+            "input_len": args.input_len}
+
+
+QUICK = {"model": "tiny-llama", "batch_sizes": [1, 4], "hf_batch_sizes": [4],
+         "max_tokens": 8, "repeats": 2, "settle": 0.2, "eager": True}
+RATIO_MODES = ("off", "sa", "sa-half", "sgds", "safeinfer")
+Run = tuple[str, int, int, float, float, float]  # mode, batch, repeat, tok/s, step ms, MB
 
 
 def main() -> None:
@@ -165,7 +213,12 @@ def main() -> None:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32, 128])
     parser.add_argument("--hf-batch-sizes", nargs="+", type=int, default=[32],
                         help="batch sizes for the slow HF reference")
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--output-len", "--max-tokens", dest="max_tokens", type=int, default=64,
+                        help="tokens generated per request")
+    parser.add_argument("--input-len", type=int,
+                        help="synthetic prompts of this many token ids (default: AdvBench)")
+    parser.add_argument("--max-model-len", type=int,
+                        help="context limit of every engine (default: the model's own)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--eager", action="store_true", help="enforce_eager for every engine")
@@ -173,8 +226,13 @@ def main() -> None:
                         help="seconds to wait before each measurement: a vLLM worker "
                         "busy-polls its message queue for 1 s after its last step, so the "
                         "engine measured before would otherwise take cores from the next")
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny model, small batches, 2 repeats: checks the pipeline")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    if args.quick:  # the quick settings become the defaults; flags given still win
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,7 +242,7 @@ def main() -> None:
     _report(args, runs, out)
 
 
-def _measure(args: argparse.Namespace, settings: dict) -> list[tuple[str, int, int, float]]:
+def _measure(args: argparse.Namespace, settings: dict) -> list[Run]:
     context = mp.get_context("spawn")
     kinds = sorted({ENGINE_OF_MODE[m] for m in args.modes})
     engines = {}
@@ -206,10 +264,11 @@ def _measure(args: argparse.Namespace, settings: dict) -> list[tuple[str, int, i
                     conn, process = engines[ENGINE_OF_MODE[mode]]
                     time.sleep(args.settle)
                     conn.send((mode, batch_size))
-                    tokens_per_s = _receive(conn, process, mode)
-                    runs.append((mode, batch_size, repeat, tokens_per_s))
+                    tokens_per_s, step_ms, memory_mb = _receive(conn, process, mode)
+                    runs.append((mode, batch_size, repeat, tokens_per_s, step_ms, memory_mb))
                     print(f"repeat {repeat} batch {batch_size:4d} {mode:12s} "
-                          f"{tokens_per_s:9.1f} tok/s", flush=True)
+                          f"{tokens_per_s:9.1f} tok/s {step_ms:8.1f} ms/step "
+                          f"{memory_mb:8.0f} MB", flush=True)
     finally:
         for conn, process in engines.values():
             if process.is_alive():
@@ -229,38 +288,102 @@ def _receive(conn, process, what: str):
     return conn.recv()
 
 
-def _report(args: argparse.Namespace, runs, out: Path) -> None:
+def _spread(values: list[float]) -> tuple[float, float, float]:
+    return min(values), statistics.median(values), max(values)
+
+
+def ratios(runs: list[Run]) -> dict[tuple[str, int], tuple[float, float, float]]:
+    """Per (name, batch size): the ratio of medians, and the min and max of the
+    per-repeat ratios (each repeat measured the modes back to back). Names are
+    `MODE/vanilla`, `safeinfer/two-model bound` and `safeinfer/hf`."""
+    tok = {(m, b, r): t for m, b, r, t, _, _ in runs}
+    median = {(m, b): statistics.median(t for mm, bb, _, t, _, _ in runs if (mm, bb) == (m, b))
+              for m, b, _, _, _, _ in runs}
+    repeats = sorted({r for _, _, r, _, _, _ in runs})
+
+    def bound(b: int, r: int | None) -> float | None:
+        base, expert = ((median.get(("vanilla", b)), median.get(("expert-alone", b))) if r is None
+                        else (tok.get(("vanilla", b, r)), tok.get(("expert-alone", b, r))))
+        return 1 / (1 / base + 1 / expert) if base and expert else None
+
+    out = {}
+    for b in sorted({b for _, b in median}):
+        pairs = [(f"{m}/vanilla", m, "vanilla") for m in RATIO_MODES]
+        pairs += [("safeinfer/two-model bound", "safeinfer", "bound"),
+                  ("safeinfer/hf", "safeinfer", "hf")]
+        for name, top, bottom in pairs:
+            def value(r):
+                num = median.get((top, b)) if r is None else tok.get((top, b, r))
+                den = (bound(b, r) if bottom == "bound" else
+                       median.get((bottom, b)) if r is None else tok.get((bottom, b, r)))
+                return num / den if num and den else None
+
+            central = value(None)
+            if central is None:
+                continue
+            per_repeat = [v for v in map(value, repeats) if v is not None] or [central]
+            out[name, b] = (min(per_repeat), central, max(per_repeat))
+    return out
+
+
+def _report(args: argparse.Namespace, runs: list[Run], out: Path) -> None:
     with open(out / "throughput_runs.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["mode", "batch_size", "repeat", "tokens_per_s"])
+        writer.writerow(["mode", "batch_size", "repeat", "tokens_per_s", "step_ms",
+                         "peak_memory_mb"])
         writer.writerows(runs)
-    median: dict[tuple[str, int], float] = {}
-    for mode, batch_size in {(m, b) for m, b, _, _ in runs}:
-        median[mode, batch_size] = statistics.median(
-            t for m, b, _, t in runs if (m, b) == (mode, batch_size))
+    keys = sorted({(m, b) for m, b, *_ in runs}, key=lambda k: (k[1], k[0]))
+    rows = []
+    for mode, batch_size in keys:
+        mine = [r for r in runs if r[:2] == (mode, batch_size)]
+        rows.append([mode, batch_size, *(f"{v:.1f}" for v in _spread([r[3] for r in mine])),
+                     f"{statistics.median(r[4] for r in mine):.2f}",
+                     f"{max(r[5] for r in mine):.0f}"])
+    header = ["mode", "batch_size", "tokens_per_s_min", "tokens_per_s_median",
+              "tokens_per_s_max", "step_ms_median", "peak_memory_mb"]
     with open(out / "throughput.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["mode", "batch_size", "tokens_per_s"])
-        for (mode, batch_size), value in sorted(median.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-            writer.writerow([mode, batch_size, f"{value:.1f}"])
-    print(f"\nmedian of {args.repeats} interleaved repeats, {args.max_tokens} tokens per request")
-    for batch_size in sorted({b for _, b in median}):
-        line = [f"batch {batch_size:4d}"]
-        base = median.get(("vanilla", batch_size))
-        for mode in ("off", "sa", "sa-half", "sgds", "safeinfer"):
-            value = median.get((mode, batch_size))
-            if value is not None and base:
-                line.append(f"{mode}/vanilla {value / base:.3f}")
-        expert = median.get(("expert-alone", batch_size))
-        safeinfer = median.get(("safeinfer", batch_size))
-        if base and expert and safeinfer:
-            bound = 1 / (1 / base + 1 / expert)
-            line.append(f"safeinfer/two-model bound {safeinfer / bound:.3f}")
-        hf = median.get(("hf", batch_size))
-        if hf and safeinfer:
-            line.append(f"safeinfer/hf {safeinfer / hf:.2f}")
-        print("  ".join(line))
-    print(f"\nwrote {out / 'throughput.csv'} and {out / 'throughput_runs.csv'}")
+        csv.writer(f).writerows([header, *rows])
+    table = ratios(runs)
+    lines = [f"# Throughput: {args.model}", "",
+             f"{args.repeats} interleaved repeats, {args.max_tokens} tokens per request, "
+             f"{'synthetic prompts of %d tokens' % args.input_len if args.input_len else 'AdvBench prompts'}.",
+             "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    lines += ["", "| ratio | batch size | median | min | max |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {b} | {mid:.3f} | {lo:.3f} | {hi:.3f} |"
+              for (name, b), (lo, mid, hi) in table.items()]
+    (out / "throughput.md").write_text("\n".join(lines) + "\n")
+    _chart(runs, out / "throughput.png")
+    print(f"\nmedian of {args.repeats} interleaved repeats, {args.max_tokens} tokens per "
+          "request (in brackets: the min and max of the per-repeat ratios)")
+    for b in sorted({b for _, b in table}):
+        print(f"batch {b:4d}  " + "  ".join(
+            f"{name} {mid:.3f} [{lo:.3f}, {hi:.3f}]"
+            for (name, bb), (lo, mid, hi) in table.items() if bb == b))
+    print(f"\nwrote {', '.join(str(out / n) for n in ('throughput.csv', 'throughput_runs.csv', 'throughput.md', 'throughput.png'))}")
+
+
+def _chart(runs: list[Run], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode in sorted({r[0] for r in runs}):
+        sizes = sorted({r[1] for r in runs if r[0] == mode})
+        spreads = [_spread([r[3] for r in runs if r[:2] == (mode, b)]) for b in sizes]
+        mids = [m for _, m, _ in spreads]
+        ax.errorbar(sizes, mids, yerr=[[m - lo for lo, m, _ in spreads],
+                                       [hi - m for _, m, hi in spreads]],
+                    marker="o", capsize=3, label=mode)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("generated tokens / s (median, min-max)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
