@@ -296,33 +296,30 @@ def ratios(runs: list[Run]) -> dict[tuple[str, int], tuple[float, float, float]]
     """Per (name, batch size): the ratio of medians, and the min and max of the
     per-repeat ratios (each repeat measured the modes back to back). Names are
     `MODE/vanilla`, `safeinfer/two-model bound` and `safeinfer/hf`."""
-    tok = {(m, b, r): t for m, b, r, t, _, _ in runs}
-    median = {(m, b): statistics.median(t for mm, bb, _, t, _, _ in runs if (mm, bb) == (m, b))
-              for m, b, _, _, _, _ in runs}
-    repeats = sorted({r for _, _, r, _, _, _ in runs})
-
-    def bound(b: int, r: int | None) -> float | None:
-        base, expert = ((median.get(("vanilla", b)), median.get(("expert-alone", b))) if r is None
-                        else (tok.get(("vanilla", b, r)), tok.get(("expert-alone", b, r))))
-        return 1 / (1 / base + 1 / expert) if base and expert else None
-
+    speeds: dict[tuple[str, int], dict[int, float]] = {}
+    for mode, batch_size, repeat, tokens_per_s, _, _ in runs:
+        speeds.setdefault((mode, batch_size), {})[repeat] = tokens_per_s
+    repeats = sorted({run[2] for run in runs})
     out = {}
-    for b in sorted({b for _, b in median}):
-        pairs = [(f"{m}/vanilla", m, "vanilla") for m in RATIO_MODES]
-        pairs += [("safeinfer/two-model bound", "safeinfer", "bound"),
-                  ("safeinfer/hf", "safeinfer", "hf")]
-        for name, top, bottom in pairs:
-            def value(r):
-                num = median.get((top, b)) if r is None else tok.get((top, b, r))
-                den = (bound(b, r) if bottom == "bound" else
-                       median.get((bottom, b)) if r is None else tok.get((bottom, b, r)))
-                return num / den if num and den else None
+    for b in sorted({b for _, b in speeds}):
+        central = _named_ratios(lambda m: statistics.median(speeds[m, b].values())
+                                if (m, b) in speeds else None)
+        per_repeat = [_named_ratios(lambda m, r=r: speeds.get((m, b), {}).get(r))
+                      for r in repeats]
+        for name, mid in central.items():
+            values = [ratio[name] for ratio in per_repeat if name in ratio] or [mid]
+            out[name, b] = (min(values), mid, max(values))
+    return out
 
-            central = value(None)
-            if central is None:
-                continue
-            per_repeat = [v for v in map(value, repeats) if v is not None] or [central]
-            out[name, b] = (min(per_repeat), central, max(per_repeat))
+
+def _named_ratios(speed) -> dict[str, float]:
+    """The ratios that `speed` (mode -> tokens/s, or None if not measured) gives."""
+    base, expert, safeinfer, hf = map(speed, ("vanilla", "expert-alone", "safeinfer", "hf"))
+    out = {f"{mode}/vanilla": speed(mode) / base for mode in RATIO_MODES if speed(mode) and base}
+    if safeinfer and base and expert:
+        out["safeinfer/two-model bound"] = safeinfer / (1 / (1 / base + 1 / expert))
+    if safeinfer and hf:
+        out["safeinfer/hf"] = safeinfer / hf
     return out
 
 

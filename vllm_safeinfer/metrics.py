@@ -66,4 +66,4 @@ class SafeInferStatLogger(StatLoggerBase):
             counters()["tokens"].labels(mode=mode.value).inc(finished.num_generation_tokens)
 
     def log_engine_initialized(self) -> None:
-        pass
+        """Nothing to say at start-up: the counters start at zero."""

@@ -117,7 +117,7 @@ def prompt_activations(
     last = torch.empty(len(texts), shape.num_layers, shape.num_heads * shape.head_dim)
     norm_sums = torch.zeros(shape.num_layers, dtype=torch.float64)
     tokens = 0
-    counted: list[torch.Tensor] = []
+    counted = torch.empty(0, dtype=torch.bool)  # the batch's tokens the norm covers
 
     def capture(module: nn.Module, args: tuple) -> None:
         captured.append(args[0][:, -1, :].float().cpu())
@@ -125,7 +125,7 @@ def prompt_activations(
     def measure(layer: int):
         def hook(module: nn.Module, args: tuple, output) -> None:
             hidden = output[0] if isinstance(output, tuple) else output
-            norm_sums[layer] += hidden.float().norm(dim=-1)[counted[0]].sum().double().cpu()
+            norm_sums[layer] += hidden.float().norm(dim=-1)[counted].sum().double().cpu()
 
         return hook
 
@@ -137,8 +137,8 @@ def prompt_activations(
             rows = order[start : start + batch_size]
             ids, mask = left_pad([encoded[i] for i in rows], pad_id(tokenizer), device)
             position_ids = positions(mask)
-            counted[:] = [(mask.bool() & (position_ids > 0))]
-            tokens += int(counted[0].sum())
+            counted = mask.bool() & (position_ids > 0)
+            tokens += int(counted.sum())
             captured.clear()
             model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                   use_cache=False, logits_to_keep=1)
