@@ -8,13 +8,15 @@ STAMP := $(VENV)/.installed-$(TARGET)
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 BENCH_ARGS ?= --batch-sizes 1 8 32 128 --hf-batch-sizes 32 --max-tokens 32 --repeats 3
+SERVING_ARGS ?= --request-rates 0.5 1 2 --num-prompts 24 --input-len 128 --output-len 64
+PROFILE_ARGS ?= --output-len 64 --repeats 7
 HARMEVAL_OUT ?= harmeval-smollm2
 HARMEVAL_ARGS ?= --dataset advbench,harmbench,xstest --limit 50 --max-tokens 48 \
 	--modes off,sa --sweep gamma=0.1,0.25,0.5
 
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: install test demo harmeval bench dist clean
+.PHONY: install test demo harmeval bench bench-serving bench-profile dist clean
 
 install: $(STAMP)
 
@@ -58,6 +60,16 @@ harmeval: install
 bench: export VLLM_CPU_OMP_THREADS_BIND ?= nobind
 bench: install
 	$(BIN)/python benchmarks/throughput.py $(BENCH_ARGS)
+
+# Latency under load (vLLM's bench serve) against `safeinfer serve` in each default mode.
+bench-serving: export VLLM_CPU_OMP_THREADS_BIND ?= nobind
+bench-serving: install
+	$(BIN)/python benchmarks/serving.py $(SERVING_ARGS)
+
+# Where one decoding step's time goes at batch 1: vanilla, off, sa.
+bench-profile: export VLLM_CPU_OMP_THREADS_BIND ?= nobind
+bench-profile: install
+	$(BIN)/python benchmarks/profile_step.py $(PROFILE_ARGS)
 
 dist: install
 	rm -rf dist build

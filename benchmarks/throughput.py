@@ -22,6 +22,8 @@ each ratio with its spread over the repeats) and `throughput.png`; prints the ra
 
     python benchmarks/throughput.py --model smollm2-135m-instruct --batch-sizes 1 8 32 128
     python benchmarks/throughput.py --quick --out /tmp/bench     # a tiny model, seconds
+    python benchmarks/throughput.py --model llama2-7b-shape --load-format dummy \
+        --dtype bfloat16 --input-len 512 --output-len 128          # GPU: a 7B, no download
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from subjects import add_subject_arguments, resolve_subjects
 
 ENGINE_OF_MODE = {
     "vanilla": "vanilla", "off": "steer", "sa": "steer", "sa-half": "steer",
@@ -120,7 +124,7 @@ def _vllm_runner(kind: str, model: str, settings: dict, tokenizer):
     # another on the same engine would otherwise skip their prefill.
     llm = LLM(model=model, tokenizer=settings["model"], dtype=settings["dtype"],
               max_model_len=settings["max_model_len"], block_size=32, seed=0,
-              enable_prefix_caching=False,
+              enable_prefix_caching=False, load_format=settings["load_format"],
               enforce_eager=settings["eager"], max_num_seqs=max(settings["batch_sizes"]),
               additional_config={"safeinfer": safeinfer} if safeinfer else {})
 
@@ -162,38 +166,6 @@ def _hf_runner(settings: dict, tokenizer):
     return run
 
 
-def _resolve_models(args: argparse.Namespace, workdir: Path) -> dict:
-    from transformers import AutoConfig
-
-    from vllm_safeinfer.models import SMOLLM2, TINY_MODELS, expert_of, model_path
-    from vllm_safeinfer.vectors import SafetyVector, bundled_vector_path
-
-    model = str(model_path(args.model)) if args.model in (*TINY_MODELS, SMOLLM2) else args.model
-    if args.expert:
-        expert = str(model_path(args.expert)) if args.expert in TINY_MODELS else args.expert
-    elif args.model in TINY_MODELS:
-        expert = str(model_path(expert_of(args.model)))
-    else:
-        # A fine-tuned copy of the served model costs exactly what the model costs.
-        expert = model
-    vector = args.vector
-    if vector is None and args.model == SMOLLM2:
-        vector = str(bundled_vector_path(SMOLLM2))
-    if vector is None:
-        import torch
-
-        config = AutoConfig.from_pretrained(model)
-        vector = str(workdir / "random.safetensors")
-        SafetyVector(vector=torch.randn(config.hidden_size) / config.hidden_size ** 0.5,
-                     layer=config.num_hidden_layers // 4, model=args.model,
-                     hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
-                     heads=((0, 0),)).save(vector)
-    return {"model": model, "expert": expert, "vector": vector, "dtype": args.dtype,
-            "eager": args.eager, "max_tokens": args.max_tokens,
-            "batch_sizes": args.batch_sizes, "max_model_len": args.max_model_len,
-            "input_len": args.input_len}
-
-
 QUICK = {"model": "tiny-llama", "batch_sizes": [1, 4], "hf_batch_sizes": [4],
          "max_tokens": 8, "repeats": 2, "settle": 0.2, "eager": True}
 RATIO_MODES = ("off", "sa", "sa-half", "sgds", "safeinfer")
@@ -202,14 +174,9 @@ Run = tuple[str, int, int, float, float, float]  # mode, batch, repeat, tok/s, s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct",
-                        help="project model name or checkpoint path")
-    parser.add_argument("--expert", help="expert checkpoint (default: the tiny model's twin, "
-                        "or the served model itself)")
-    parser.add_argument("--vector", help="safety vector (default: bundled for SmolLM2, "
-                        "else a random one: speed does not depend on it)")
-    parser.add_argument("--modes", nargs="+", default=list(ENGINE_OF_MODE),
-                        choices=list(ENGINE_OF_MODE))
+    add_subject_arguments(parser)
+    parser.add_argument("--modes", nargs="+", choices=list(ENGINE_OF_MODE),
+                        help="default: all (all but hf with --load-format dummy)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32, 128])
     parser.add_argument("--hf-batch-sizes", nargs="+", type=int, default=[32],
                         help="batch sizes for the slow HF reference")
@@ -233,11 +200,20 @@ def main() -> None:
     if args.quick:  # the quick settings become the defaults; flags given still win
         parser.set_defaults(**QUICK)
         args = parser.parse_args()
+    if args.modes is None:
+        args.modes = [m for m in ENGINE_OF_MODE if m != "hf" or args.load_format != "dummy"]
+    if "hf" in args.modes and args.load_format == "dummy":
+        parser.error("mode hf loads the checkpoint's weights: drop it with --load-format dummy")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        settings = _resolve_models(args, Path(tmp))
+        subjects = resolve_subjects(args, Path(tmp))
+        settings = {"model": subjects.model, "expert": subjects.expert,
+                    "vector": subjects.vector, "dtype": args.dtype, "eager": args.eager,
+                    "max_tokens": args.max_tokens, "batch_sizes": args.batch_sizes,
+                    "max_model_len": args.max_model_len, "input_len": args.input_len,
+                    "load_format": args.load_format}
         runs = _measure(args, settings)
     _report(args, runs, out)
 

@@ -64,3 +64,99 @@ def test_quick_throughput_writes_every_file_and_honest_ratios(tmp_path):
             assert round(tokens("safeinfer", batch) / bound(), 3) == mid
         assert (round(min(want), 3), round(max(want), 3)) == (lo, hi), name
     assert f"| sa/vanilla | 1 | {printed['sa/vanilla', 1][0]:.3f} |" in (out / "throughput.md").read_text()
+
+
+SERVING = Path(__file__).parents[1] / "benchmarks" / "serving.py"
+SERVING_RATIO = re.compile(r"(\w+)/vanilla tpot (\d+\.\d{3}) ttft (\d+\.\d{3})")
+
+
+def test_quick_serving_measures_each_default_mode_on_dummy_weights(tmp_path):
+    """`benchmarks/serving.py --quick` on a weightless copy of tiny Llama served with
+    `--load-format dummy` (the GPU's 7B path): every server answered every request, each
+    SafeInfer server counted them in its default mode (the client names no mode), the
+    CSV holds vLLM's own numbers, and every printed ratio is the CSV's."""
+    shape = tmp_path / "weightless"
+    shutil.copytree(model_path("tiny-llama"), shape, ignore=shutil.ignore_patterns("*.safetensors"))
+    out = tmp_path / "serving"
+    done = subprocess.run([sys.executable, str(SERVING), "--quick", "--model", str(shape),
+                           "--load-format", "dummy", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    for name in ("serving.csv", "serving.md", "serving.png"):
+        assert (out / name).stat().st_size > 0, name
+    with open(out / "serving.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["mode"], r["request_rate"]) for r in rows] == [
+        (mode, rate) for mode in ("vanilla", "sa", "sgds", "safeinfer") for rate in ("4.0", "inf")]
+    for row in rows:
+        assert (row["completed"], row["failed"]) == ("8", "0"), row
+        # 2 rates x (8 measured + 2 warm-up requests)
+        assert row["served_in_mode"] == ("" if row["mode"] == "vanilla" else "20.0"), row
+        raw = json.loads((out / "raw" / f"{row['mode']}-{row['request_rate']}.json").read_text())
+        assert float(row["p50_tpot_ms"]) == raw["p50_tpot_ms"] > 0
+        assert float(row["p99_ttft_ms"]) == raw["p99_ttft_ms"] > 0
+
+    def metric(mode, rate, name):
+        return next(float(r[name]) for r in rows if (r["mode"], r["request_rate"]) == (mode, rate))
+
+    printed = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("rate "):
+            rate = line.split()[1]
+            for mode, tpot, ttft in SERVING_RATIO.findall(line):
+                printed[mode, rate] = (float(tpot), float(ttft))
+    assert len(printed) == 6
+    for (mode, rate), (tpot, ttft) in printed.items():
+        assert round(metric(mode, rate, "p50_tpot_ms") / metric("vanilla", rate, "p50_tpot_ms"), 3) == tpot
+        assert round(metric(mode, rate, "p50_ttft_ms") / metric("vanilla", rate, "p50_ttft_ms"), 3) == ttft
+
+
+def test_llama2_7b_shape_is_a_weightless_llama2_7b(tmp_path):
+    """The GPU benchmarks' 7B: Llama-2-7B's parameter count on the meta device, no
+    weight file, a tokenizer inside its vocabulary, and the random vector the benchmarks
+    steer it with fits it."""
+    import argparse
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from subjects import resolve_subjects
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    from vllm_safeinfer.vectors import SafetyVector
+
+    path = model_path("llama2-7b-shape")
+    assert not list(path.glob("*.safetensors")) and not list(path.glob("*.bin"))
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == 6_738_415_616
+    assert len(AutoTokenizer.from_pretrained(path)) <= config.vocab_size
+    args = argparse.Namespace(model="llama2-7b-shape", expert=None, vector=None)
+    subjects = resolve_subjects(args, tmp_path)
+    assert subjects.model == subjects.expert == str(path)
+    vector = SafetyVector.load(subjects.vector)
+    assert (vector.hidden_size, vector.num_layers, vector.layer) == (4096, 32, 8)
+
+
+def test_quick_profile_shows_the_steering_op_only_where_it_runs(tmp_path):
+    """`benchmarks/profile_step.py --quick`: the step table covers vanilla, off and sa;
+    the profiler saw the steering op once per step in the plugin's engine and never in
+    vanilla vLLM's; the plugin's Python shows up under cProfile."""
+    out = tmp_path / "profile"
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "profile_step.py"), "--quick",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    results = json.loads((out / "profile.json").read_text())
+    assert sorted(results["step_ms"]) == ["off", "sa", "vanilla"]
+    assert all(len(v) == 3 and min(v) > 0 for v in results["step_ms"].values())
+    profiles = results["profiles"]
+    assert "safeinfer::steer_" not in profiles["vanilla"]["all_ops"]
+    for mode in ("off", "sa"):
+        assert profiles[mode]["all_ops"]["safeinfer::steer_"][1] == 1.0
+        assert any("update_state" in fn[0] for fn in profiles[mode]["python"])
+    assert profiles["vanilla"]["python"] == []
+    assert all(profiles[m]["phases_ms"]["gpu_model_runner: forward"] > 0 for m in profiles)
+    assert "| speed vs vanilla | 1.000 |" in (out / "profile.md").read_text()

