@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
-import multiprocessing as mp
 import os
 import pstats
 import statistics
@@ -35,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from engine_pool import engine_pool
 from subjects import add_subject_arguments, resolve_subjects
 
 ENGINE_OF_MODE = {"vanilla": "vanilla", "off": "steer", "sa": "steer", "safeinfer": "mix"}
@@ -149,43 +149,18 @@ def main() -> None:
 
 
 def _measure(args: argparse.Namespace, settings: dict) -> dict:
-    context = mp.get_context("spawn")
-    engines = {}
     modes = {mode: ENGINE_OF_MODE[mode] for mode in args.modes}
-    try:
-        for kind in dict.fromkeys(modes.values()):  # one after the other: two starting
-            parent, child = context.Pipe()           # at once compete for cores
-            mine = [mode for mode, k in modes.items() if k == kind]
-            process = context.Process(target=_engine_process,
-                                      args=(child, kind, mine, settings))
-            process.start()
-            engines[kind] = (parent, process)
-            _receive(parent, process, kind)
+    with engine_pool() as pool:
+        for kind in dict.fromkeys(modes.values()):
+            pool.start(kind, _engine_process, kind,
+                       [mode for mode, k in modes.items() if k == kind], settings)
         step_ms: dict[str, list[float]] = {mode: [] for mode in modes}
         for _ in range(args.repeats):
             for mode, kind in modes.items():
-                time.sleep(1.5)  # the other engine's busy-polling settles (see throughput.py)
-                engines[kind][0].send(("time", mode))
-                step_ms[mode].append(_receive(*engines[kind], mode))
-        profiles = {}
-        for mode, kind in modes.items():
-            engines[kind][0].send(("profile", mode))
-            profiles[mode] = _receive(*engines[kind], mode)
-    finally:
-        for conn, process in engines.values():
-            if process.is_alive():
-                conn.send(None)
-            process.join(timeout=60)
-            if process.is_alive():
-                process.kill()
+                time.sleep(1.5)  # the same pause between measurements as throughput.py's
+                step_ms[mode].append(pool.ask(kind, ("time", mode)))
+        profiles = {mode: pool.ask(kind, ("profile", mode)) for mode, kind in modes.items()}
     return {"step_ms": step_ms, "profiles": profiles}
-
-
-def _receive(conn, process, what: str):
-    while not conn.poll(1.0):
-        if not process.is_alive():
-            raise RuntimeError(f"the engine process for {what!r} exited ({process.exitcode})")
-    return conn.recv()
 
 
 def _report(args: argparse.Namespace, results: dict, out: Path) -> None:

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import multiprocessing as mp
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from engine_pool import engine_pool
 from subjects import add_subject_arguments, resolve_subjects
 
 ENGINE_OF_MODE = {
@@ -219,49 +219,25 @@ def main() -> None:
 
 
 def _measure(args: argparse.Namespace, settings: dict) -> list[Run]:
-    context = mp.get_context("spawn")
-    kinds = sorted({ENGINE_OF_MODE[m] for m in args.modes})
-    engines = {}
-    for kind in kinds:  # started one after the other: two starting at once compete for cores
-        parent, child = context.Pipe()
-        process = context.Process(target=_serve_engine, args=(child, kind, settings))
-        process.start()
-        engines[kind] = (parent, process)
-        _receive(parent, process, kind)
-        print(f"engine {kind} ready", flush=True)
     runs = []
-    try:
+    with engine_pool() as pool:
+        for kind in sorted({ENGINE_OF_MODE[m] for m in args.modes}):
+            pool.start(kind, _serve_engine, kind, settings)
+            print(f"engine {kind} ready", flush=True)
         for repeat in range(args.repeats):
             for batch_size in sorted(set(args.batch_sizes) | set(args.hf_batch_sizes)):
                 for mode in args.modes:
                     sizes = args.hf_batch_sizes if mode == "hf" else args.batch_sizes
                     if batch_size not in sizes:
                         continue
-                    conn, process = engines[ENGINE_OF_MODE[mode]]
                     time.sleep(args.settle)
-                    conn.send((mode, batch_size))
-                    tokens_per_s, step_ms, memory_mb = _receive(conn, process, mode)
+                    tokens_per_s, step_ms, memory_mb = pool.ask(ENGINE_OF_MODE[mode],
+                                                                (mode, batch_size))
                     runs.append((mode, batch_size, repeat, tokens_per_s, step_ms, memory_mb))
                     print(f"repeat {repeat} batch {batch_size:4d} {mode:12s} "
                           f"{tokens_per_s:9.1f} tok/s {step_ms:8.1f} ms/step "
                           f"{memory_mb:8.0f} MB", flush=True)
-    finally:
-        for conn, process in engines.values():
-            if process.is_alive():
-                conn.send(None)
-        for conn, process in engines.values():
-            process.join(timeout=60)
-            if process.is_alive():
-                process.kill()
     return runs
-
-
-def _receive(conn, process, what: str):
-    """The engine process's answer; an error if it died instead of answering."""
-    while not conn.poll(1.0):
-        if not process.is_alive():
-            raise RuntimeError(f"the engine process for {what!r} exited ({process.exitcode})")
-    return conn.recv()
 
 
 def _spread(values: list[float]) -> tuple[float, float, float]:
