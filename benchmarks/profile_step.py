@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from engine_pool import engine_pool
-from subjects import add_subject_arguments, resolve_subjects
+from subjects import add_subject_arguments, parse_benchmark_args, resolve_subjects
 
 ENGINE_OF_MODE = {"vanilla": "vanilla", "off": "steer", "sa": "steer", "safeinfer": "mix"}
 PHASES = ("gpu_model_runner: preprocess", "gpu_model_runner: forward",
@@ -84,13 +84,11 @@ def _profile(generate, mode: str, settings: dict) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     steps = settings["output_len"]
-    activities = [ProfilerActivity.CPU]
-    if torch.cuda.is_available():
-        activities.append(ProfilerActivity.CUDA)
+    device = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device else [])]
     with profile(activities=activities) as prof:
         generate(mode)
     averages = prof.key_averages()
-    device = torch.cuda.is_available()
     phases = {e.key: e.cpu_time_total / 1000 / steps for e in averages if e.key in PHASES}
     ops = sorted(((e.key, e.self_cpu_time_total / 1000 / steps, e.count / steps,
                    e.self_device_time_total / 1000 / steps if device else None)
@@ -120,14 +118,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed generations per mode")
     parser.add_argument("--top", type=int, default=12, help="rows per table")
     parser.add_argument("--max-model-len", type=int, default=1024)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--eager", action="store_true", help="enforce_eager (default: compiled)")
-    parser.add_argument("--quick", action="store_true", help="a tiny model: checks the script")
-    parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args()
-    if args.quick:
-        parser.set_defaults(**QUICK)
-        args = parser.parse_args()
+    args = parse_benchmark_args(parser, QUICK, "a tiny model: checks the script")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

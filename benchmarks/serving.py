@@ -19,7 +19,8 @@ it served in that mode (warm-ups included), which proves the mode applied.
 Writes into `--out`: `serving.csv` (one row per mode and rate: TTFT, TPOT and ITL p50 /
 p99, request and output throughput, the server's per-mode request count), `serving.md`
 (the table and each mode's TPOT and TTFT p50 against vanilla's), `serving.png`, and
-vLLM's own result JSON of every run under `raw/`; prints the ratios.
+vLLM's own result JSON of every run under `raw/`, the run's arguments in
+`serving_settings.json`, each server's log; prints the ratios.
 
     python benchmarks/serving.py --model smollm2-135m-instruct --request-rates 0.5 1 2
     python benchmarks/serving.py --quick --out /tmp/serving      # a tiny model, ~3 min
@@ -27,21 +28,17 @@ vLLM's own result JSON of every run under `raw/`; prints the ratios.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-from subjects import Subjects, add_subject_arguments, resolve_subjects
+from subjects import Subjects, add_subject_arguments, parse_benchmark_args, resolve_subjects
+
+from vllm_safeinfer.serve import free_port, running_server
 
 MODES = ("vanilla", "off", "sa", "sgds", "safeinfer")
 EXPERT_MODES = ("sgds", "safeinfer")
@@ -78,39 +75,6 @@ def server_command(mode: str, subjects: Subjects, args: argparse.Namespace,
             *safeinfer, *common], env
 
 
-@contextlib.contextmanager
-def running_server(command: list[str], env: dict[str, str], port: int, log: Path,
-                   timeout_s: float) -> Iterator[str]:
-    """The server as a subprocess (its output in `log`); yields its base URL once
-    /health answers, and stops it (its whole process group) afterwards."""
-    import httpx
-
-    with open(log, "w") as log_file:
-        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited during start-up; its log: {log}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start in {timeout_s:.0f} s; log: {log}")
-            time.sleep(1)
-        yield base
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 def bench_serve(base: str, subjects: Subjects, args: argparse.Namespace, rate: float,
                 raw: Path, name: str) -> dict:
     """One `vllm bench serve` run at `rate` requests/s; vLLM's result dict (also saved
@@ -140,20 +104,14 @@ def served_by_mode(base: str) -> dict[str, float]:
     return {mode: float(value) for mode, value in MODE_COUNTER.findall(text)}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def measure(args: argparse.Namespace, subjects: Subjects, out: Path) -> list[dict]:
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     rows = []
     for mode in args.modes:
-        port = _free_port()
+        port = free_port()
         command, env = server_command(mode, subjects, args, port)
-        with running_server(command, env, port, out / f"server-{mode}.log",
+        with running_server(command, port, out / f"server-{mode}.log", env,
                             args.startup_timeout) as base:
             print(f"server {mode} ready", flush=True)
             results = {rate: bench_serve(base, subjects, args, rate, raw, f"{mode}-{rate}")
@@ -250,16 +208,9 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--max-model-len", type=int,
                         help="context limit of every server (default: the model's own)")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--eager", action="store_true", help="--enforce-eager for every server")
     parser.add_argument("--startup-timeout", type=float, default=600)
-    parser.add_argument("--quick", action="store_true",
-                        help="a tiny model, 8 requests at two rates: checks the pipeline")
-    parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args()
-    if args.quick:  # the quick settings become the defaults; flags given still win
-        parser.set_defaults(**QUICK)
-        args = parser.parse_args()
+    args = parse_benchmark_args(parser, QUICK, "a tiny model, 8 requests at two rates: "
+                                "checks the pipeline")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

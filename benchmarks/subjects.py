@@ -1,6 +1,7 @@
 """What a benchmark runs: the served model, its unsafe expert and a safety vector, from
-the names a user gives. Shared by `throughput.py`, `serving.py` and `profile_step.py`, so
-the three measure the same things."""
+the names a user gives, and the other arguments every benchmark takes. Shared by
+`throughput.py`, `serving.py` and `profile_step.py`, so the three measure the same things
+and are asked for the same way."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,6 +25,22 @@ def add_subject_arguments(parser, default_model: str = "smollm2-135m-instruct") 
     parser.add_argument("--load-format", default="auto",
                         help="vLLM load format; `dummy` serves random weights (the GPU's "
                         "llama2-7b-shape has no weights)")
+
+
+def parse_benchmark_args(parser, quick: dict, quick_help: str):
+    """Adds the arguments every benchmark shares besides the subjects (`--dtype`,
+    `--eager`, `--quick`, `--out`) and parses the command line; with `--quick`, `quick`
+    becomes the defaults and the flags given still win."""
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--eager", action="store_true",
+                        help="enforce_eager: no torch.compile, no CUDA graphs (default: compiled)")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    if args.quick:
+        parser.set_defaults(**quick)
+        args = parser.parse_args()
+    return args
 
 
 def resolve_subjects(args, workdir: Path) -> Subjects:

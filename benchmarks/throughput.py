@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from engine_pool import engine_pool
-from subjects import add_subject_arguments, resolve_subjects
+from subjects import add_subject_arguments, parse_benchmark_args, resolve_subjects
 
 ENGINE_OF_MODE = {
     "vanilla": "vanilla", "off": "steer", "sa": "steer", "sa-half": "steer",
@@ -187,19 +187,12 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int,
                         help="context limit of every engine (default: the model's own)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--eager", action="store_true", help="enforce_eager for every engine")
     parser.add_argument("--settle", type=float, default=1.5,
                         help="seconds to wait before each measurement: a vLLM worker "
                         "busy-polls its message queue for 1 s after its last step, so the "
                         "engine measured before would otherwise take cores from the next")
-    parser.add_argument("--quick", action="store_true",
-                        help="a tiny model, small batches, 2 repeats: checks the pipeline")
-    parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args()
-    if args.quick:  # the quick settings become the defaults; flags given still win
-        parser.set_defaults(**QUICK)
-        args = parser.parse_args()
+    args = parse_benchmark_args(parser, QUICK, "a tiny model, small batches, 2 repeats: "
+                                "checks the pipeline")
     if args.modes is None:
         args.modes = [m for m in ENGINE_OF_MODE if m != "hf" or args.load_format != "dummy"]
     if "hf" in args.modes and args.load_format == "dummy":

@@ -5,9 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 
@@ -15,10 +12,10 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc(callable)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 from tests.engines import EnginePool, make_tiny_assets  # noqa: E402
+from vllm_safeinfer.serve import free_port, running_server  # noqa: E402
 
 _START = time.time()
 
@@ -62,42 +59,20 @@ def references(tiny_assets):
 STARTUP_S = 300
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serving(model: str, config: dict, folder, *flags: str):
     """`safeinfer serve` as a real subprocess on 127.0.0.1 with `config` as its
     `--safeinfer-config` file; yields the base URL once /health answers."""
     config_file = folder / "safeinfer.json"
     config_file.write_text(json.dumps(config))
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "vllm_safeinfer.cli", "serve", model,
                "--safeinfer-config", str(config_file), *flags,
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
                "--max-model-len", "512", "--block-size", "32", "--enforce-eager",
                "--max-num-seqs", "8"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + STARTUP_S
-    try:
-        while True:
-            assert process.poll() is None, "the server exited during start-up"
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "the server did not start in time"
-            time.sleep(1)
+    with running_server(command, port, folder / "server.log", timeout_s=STARTUP_S) as base:
         yield base
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
 
 
 @pytest.fixture(scope="session")
