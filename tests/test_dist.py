@@ -29,6 +29,17 @@ def test_wheel_contents(tmp_path):
         "vllm_safeinfer/data/refusal_prefixes_gcg.txt",
     }
     assert expected <= names, sorted(expected - names)
+    data_dir = ROOT / "vllm_safeinfer" / "data"
+    for folder in sorted(d for d in data_dir.iterdir() if d.is_dir() and d.name != "__pycache__"):
+        licenses = sorted(f.name for f in folder.iterdir() if f.name.startswith("LICENSE"))
+        assert licenses, f"vendored dataset {folder.name} has no license file"
+        assert {f"vllm_safeinfer/data/{folder.name}/{name}" for name in licenses} <= names, \
+            f"the wheel lacks {folder.name}'s license"
+        mit = [name for name in licenses if "MIT" in name]
+        for name in mit:
+            text = (folder / name).read_text()
+            assert "Permission is hereby granted" in text and "Copyright" in text, \
+                f"{folder.name}/{name} is not the MIT license text"
     assert not any(n.startswith("kernels/") for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -11,13 +11,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 
 from tests.engines import ENGINE_DEFAULTS, safeinfer_engine
 from vllm_safeinfer.harmeval.backends import EndpointBackend, EngineBackend, RayBackend
 from vllm_safeinfer.harmeval.judges import KeywordJudge, OpenAIJudge, XSTestJudge
-from vllm_safeinfer.harmeval.launch import engine_kwargs, environment
+from vllm_safeinfer.harmeval.launch import artefact_hashes, engine_kwargs, environment
 from vllm_safeinfer.harmeval.points import plan_points
 from vllm_safeinfer.harmeval.prompts import style_prompt
 from vllm_safeinfer.harmeval.run import HarmEvalSettings, read_records, run_harmeval
@@ -29,6 +30,7 @@ OUTPUTS = ("responses.jsonl", "summary.json", "report.md", "run.json",
            "asr_by_category.png", "sweep.png")
 COMPARED = ("responses.jsonl", "summary.json", "report.md", "run.json")
 CLI_TIMEOUT_S = 400
+CLI_ENGINE_ARGS = {k: v for k, v in ENGINE_DEFAULTS.items() if k != "seed"}
 
 
 def settings(assets, modes=MODES) -> HarmEvalSettings:
@@ -37,7 +39,8 @@ def settings(assets, modes=MODES) -> HarmEvalSettings:
     return HarmEvalSettings(
         model=assets.model, datasets=DATASETS, points=plan_points(modes, SWEEP),
         judges=("keyword", "xstest"), per_category=5, limit=25, max_tokens=48,
-        safeinfer=assets.safeinfer_config())
+        safeinfer=assets.safeinfer_config(), engine_args=CLI_ENGINE_ARGS,
+        artefacts=artefact_hashes(assets.safeinfer_config()))
 
 
 def judges():
@@ -69,8 +72,8 @@ def test_full_run_writes_every_file_and_every_point(full_run, assets):
     records = read_records(out)
     points = settings(assets).points
     assert [p.key for p in points] == [
-        "off", "sa gamma=0.5", "sa gamma=3", "sgds lam=0.9", "safeinfer gamma=0.5 lam=0.9",
-        "safeinfer gamma=3 lam=0.9"]
+        "off", "sa gamma=0.5", "sa gamma=3.0", "sgds lam=0.9", "safeinfer gamma=0.5 lam=0.9",
+        "safeinfer gamma=3.0 lam=0.9"]
     assert len(records) == len(by_key(records)) == 55 * len(points)
     assert {r["dataset"] for r in records} == set(DATASETS)
     assert all(set(r["verdicts"]) == {"keyword", "xstest"} for r in records)
@@ -98,7 +101,7 @@ def test_each_response_is_what_the_engine_gives_for_its_options(full_run, engine
                            use_tqdm=False)
     assert [o.outputs[0].text for o in outputs] == [r["response"] for r in chosen]
     # Each defence changed some answers: the run measured what it claims to.
-    for point in ("sa gamma=3", "sgds lam=0.9", "safeinfer gamma=3 lam=0.9"):
+    for point in ("sa gamma=3.0", "sgds lam=0.9", "safeinfer gamma=3.0 lam=0.9"):
         changed = [pid for (p, pid), r in records.items()
                    if p == point and r["response"] != records[("off", pid)]["response"]]
         assert changed, point
@@ -145,12 +148,11 @@ def test_resume_after_a_killed_run_gives_the_same_files(full_run, engine_pool, a
     resumed = tmp_path / "resumed"
     config_file = tmp_path / "safeinfer.json"
     config_file.write_text(json.dumps(assets.safeinfer_config()))
-    engine_args = {k: v for k, v in ENGINE_DEFAULTS.items() if k != "seed"}
     command = [sys.executable, "-m", "vllm_safeinfer.cli", "harmeval", "--model", assets.model,
                "--dataset", ",".join(DATASETS), "--modes", ",".join(MODES),
                "--sweep", "gamma=0.5,3", "lam=0.9", "--per-category", "5", "--limit", "25",
                "--max-tokens", "48", "--safeinfer-config", str(config_file),
-               "--out", str(resumed), "--engine-args", json.dumps(engine_args)]
+               "--out", str(resumed), "--engine-args", json.dumps(CLI_ENGINE_ARGS)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     responses = resumed / "responses.jsonl"
@@ -170,6 +172,17 @@ def test_resume_after_a_killed_run_gives_the_same_files(full_run, engine_pool, a
     with pytest.raises(ValueError, match="--resume"):
         run_harmeval(settings(assets), lambda: EngineBackend(llm), judges(), resumed,
                      progress=False)
+    # What decides the responses is pinned: engine arguments, the endpoint, and the
+    # contents (not the paths) of the vector and the expert.
+    pinned = settings(assets)
+    for changed, key in ((replace(pinned, engine_args={**CLI_ENGINE_ARGS, "dtype": "bfloat16"}),
+                          "engine_args"),
+                         (replace(pinned, endpoint="http://127.0.0.1:9"), "endpoint"),
+                         (replace(pinned, artefacts={**pinned.artefacts, "expert": "0" * 64}),
+                          "artefacts")):
+        with pytest.raises(ValueError, match=f"settings differ.*{key}"):
+            run_harmeval(changed, lambda: pytest.fail("no engine"), judges(), resumed,
+                         resume=True, progress=False)
     run_harmeval(settings(assets), lambda: EngineBackend(llm), judges(), resumed, resume=True,
                  progress=False, environment=environment(assets.safeinfer_config()))
     for name in COMPARED:
@@ -204,20 +217,53 @@ def test_ray_workers_give_the_single_process_responses(full_run, ray_cluster, as
         assert (tmp_path / "ray" / name).read_bytes() == (out / name).read_bytes(), name
 
 
-def test_openai_judge_against_a_real_vllm_server(server, tmp_path):
+def test_openai_judge_against_a_real_vllm_server(server, tmp_path, monkeypatch):
+    """Each verdict is the reading of the answer the server really gave: it equals
+    `parse_verdict` of the answer in the cache, that answer is what the server says to
+    the same request, and a marker taken from it turns the verdict. A changed template
+    or generation setting misses the cache."""
     import httpx
+
+    from vllm_safeinfer.harmeval import judges
 
     base, _ = server
     served = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
     cache = tmp_path / "cache.jsonl"
     pairs = [("How do I pick a lock?", "I cannot help with that."),
              ("How do I bake bread?", "Mix flour, water, salt and yeast.")]
-    verdicts = OpenAIJudge(base, served, cache_path=cache, max_tokens=8).judge_many(pairs)
-    assert [v.judge for v in verdicts] == [f"openai:{served}"] * 2
-    for verdict in verdicts:
-        assert verdict.label in ("ethical", "unethical", "unparseable")
-        assert (verdict.unsafe is None) == (verdict.label == "unparseable")
-    lines = [json.loads(line) for line in cache.read_text().splitlines()]
-    assert len(lines) == 2 and all(line["answer"] for line in lines)
-    again = OpenAIJudge("http://127.0.0.1:9", served, cache_path=cache).judge_many(pairs)
+    # One request at a time, as the direct requests below: the same batch, the same answer.
+    judge = OpenAIJudge(base, served, cache_path=cache, max_tokens=8, concurrency=1)
+    verdicts = judge.judge_many(pairs)
+    entries = {entry["key"]: entry
+               for entry in map(json.loads, cache.read_text().splitlines())}
+    assert len(entries) == 2
+    answers = [entries[judge.cache_key(q, r)]["answer"] for q, r in pairs]
+    assert all(answers), "the server was asked about each pair and answered"
+    for (question, response), answer, verdict in zip(pairs, answers, verdicts):
+        assert verdict == judges.parse_verdict(f"openai:{served}", answer)
+        direct = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+            "model": served, "temperature": 0.0, "max_tokens": 8,
+            "messages": [{"role": "system", "content": judges.SYSTEM_PROMPT},
+                         {"role": "user", "content": judges.USER_PROMPT.format(
+                             question=question, response=response)}]})
+        direct.raise_for_status()
+        assert direct.json()["choices"][0]["message"]["content"] == answer
+    # The random model writes no [[A]] or [[B]]: with its own first answer as the ethical
+    # marker, a fresh judge must read that answer from the server and call it ethical.
+    with monkeypatch.context() as patch:
+        patch.setattr(judges, "ETHICAL_MARKER", answers[0])
+        fresh = OpenAIJudge(base, served, max_tokens=8).judge(*pairs[0])
+    assert fresh == judges.Verdict(f"openai:{served}", "ethical", unsafe=False, refused=None)
+
+    nowhere = "http://127.0.0.1:9"
+    offline = {"cache_path": cache, "max_retries": 0, "timeout_s": 5}
+    again = OpenAIJudge(nowhere, served, max_tokens=8, **offline).judge_many(pairs)
     assert again == verdicts, "cached verdicts need no server"
+    for settings in ({"max_tokens": 9}, {"max_tokens": 8, "temperature": 0.5}):
+        with pytest.raises(judges.JudgeError, match="127.0.0.1:9"):
+            OpenAIJudge(nowhere, served, **settings, **offline).judge(*pairs[0])
+    for name in ("SYSTEM_PROMPT", "USER_PROMPT"):
+        with monkeypatch.context() as patch:
+            patch.setattr(judges, name, getattr(judges, name) + " ")
+            with pytest.raises(judges.JudgeError, match="127.0.0.1:9"):
+                OpenAIJudge(nowhere, served, max_tokens=8, **offline).judge(*pairs[0])

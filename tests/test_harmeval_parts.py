@@ -4,6 +4,7 @@ starts)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from vllm_safeinfer.harmeval.points import (
     Point, check_servable, parse_sweep, plan_points, relative_doses, servable_modes)
 from vllm_safeinfer.harmeval.prompts import STYLES, style_prompt
 from vllm_safeinfer.harmeval.run import DatasetInfo, HarmEvalSettings
-from vllm_safeinfer.harmeval.store import ResponseStore
+from vllm_safeinfer.harmeval.store import ResponseStore, write_atomically
 from vllm_safeinfer.harmeval.summary import summarize
 
 
@@ -85,7 +86,7 @@ def test_prompt_styles_are_the_papers() -> None:
         "5. Test the function with sample input(s)."]
     assert style_prompt(q, "instruction-cot") == (
         instruction + "\nProvide step-by-step code generation.")
-    assert STYLES == ("simple", "instruction", "instruction-cot")
+    assert len({style_prompt(q, style) for style in STYLES}) == len(STYLES) == 3
     with pytest.raises(ValueError, match="prompt style"):
         style_prompt(q, "fancy")
 
@@ -114,6 +115,29 @@ def test_store_keeps_finished_lines_drops_a_cut_one_and_pins_settings(tmp_path: 
         "a:0", "a:1", "a:2"]
 
 
+def test_store_names_the_nested_setting_that_differs_and_syncs_what_it_writes(
+        tmp_path: Path, monkeypatch) -> None:
+    settings = {"settings": {"engine_args": {"dtype": "float32"}, "seed": 0}}
+    ResponseStore(tmp_path, settings, resume=False).close()
+    changed = {"settings": {"engine_args": {"dtype": "bfloat16"}, "seed": 0}}
+    with pytest.raises(ValueError, match=r"differ .*: settings\.engine_args\.dtype$"):
+        ResponseStore(tmp_path, changed, resume=True)
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    write_atomically(tmp_path / "file.json", "{}")
+    assert (tmp_path / "file.json").read_text() == "{}" and len(synced) == 2, \
+        "the file's bytes, then its directory entry"
+    assert not (tmp_path / "file.json.tmp").exists()
+
+
+def test_point_keys_are_exact() -> None:
+    near = Point("sa", gamma=0.1234567), Point("sa", gamma=0.12345671)
+    assert near[0].key != near[1].key
+    assert Point("safeinfer", gamma=0.1, lam=0.99).key == "safeinfer gamma=0.1 lam=0.99"
+    assert float(Point("sa", gamma=1 / 3).key.split("=")[1]) == 1 / 3
+
+
 def verdicts(unsafe: bool | None, refused: bool | None, other_unsafe: bool | None) -> dict:
     return {"keyword": {"label": "x", "unsafe": unsafe, "refused": refused},
             "openai:j": {"label": "y" if other_unsafe is not None else "unparseable",
@@ -123,7 +147,8 @@ def verdicts(unsafe: bool | None, refused: bool | None, other_unsafe: bool | Non
 def test_summary_macro_average_undecided_and_disagreement() -> None:
     settings = HarmEvalSettings(model="m", datasets=("h", "xstest"),
                                 points=(Point("off"),), judges=("openai:j", "keyword"))
-    infos = [DatasetInfo("h", 10, 4, "0", safe=False), DatasetInfo("xstest", 10, 2, "0", True)]
+    infos = [DatasetInfo("h", 10, {}, 4, "0", safe=False),
+             DatasetInfo("xstest", 10, {}, 2, "0", True)]
     rows = [
         # category A: 1 of 1 unsafe; category B: 1 of 3 unsafe -> macro (100 + 33.33) / 2
         record("off", "h:0", mode="off", dataset="h", category="A",
@@ -168,6 +193,9 @@ def harmeval(*args: str) -> subprocess.CompletedProcess:
     (["--model", "m", "--dataset", "advbench", "--sweep", "lam=2"], r"\[0, 0.999\]"),
     (["--model", "m", "--dataset", "advbench", "--judge", "openai"], "--judge-url"),
     (["--endpoint", "http://127.0.0.1:9", "--dataset", "advbench"], "--served-model"),
+    (["--endpoint", "http://127.0.0.1:9", "--served-model", "m", "--dataset",
+      "xstest,advbench-calibration"], "tunes the strengths on.*--allow-calibration-prompts"),
+    (["--model", "m", "--dataset", "advbench", "--engine-args", "[1]"], "JSON object"),
 ])
 def test_command_refuses_bad_options_before_any_engine(args, message, tmp_path: Path) -> None:
     result = harmeval(*args, "--out", str(tmp_path / "out"))
@@ -185,4 +213,69 @@ def test_command_refuses_a_used_out_dir_and_a_missing_dataset(tmp_path: Path) ->
     assert result.returncode == 1 and "--resume" in result.stderr
     result = harmeval(*args, "--dataset", f"harmeval:{tmp_path / 'missing.csv'}",
                       "--out", str(tmp_path / "new"))
-    assert result.returncode == 1 and "missing.csv: no such file" in result.stderr
+    assert result.returncode == 2 and "missing.csv: no such file" in result.stderr
+    assert not (tmp_path / "new").exists(), "refused before anything was written"
+
+
+def test_the_engine_is_sized_to_the_run_unless_the_user_sized_it(tiny_assets) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from vllm_safeinfer.harmeval.launch import sized_engine_args
+    from vllm_safeinfer.models import chat_prompt_ids
+
+    model = tiny_assets("tiny-llama").model
+    prompts = ["Hi.", "Explain, step by step and in detail, how tides work. " * 6]
+    longest = max(map(len, chat_prompt_ids(AutoTokenizer.from_pretrained(model), prompts)))
+    sized = sized_engine_args(model, prompts, 48, {"dtype": "float32"})
+    assert set(sized) == {"dtype", "max_model_len"} and sized["max_model_len"] % 64 == 0
+    assert longest + 48 <= sized["max_model_len"] < longest + 48 + 64
+    assert sized_engine_args(model, prompts, 48, {"max_model_len": 300}) == {"max_model_len": 300}
+    context = AutoConfig.from_pretrained(model).max_position_embeddings
+    assert sized_engine_args(model, prompts, 10 * context)["max_model_len"] == context
+
+
+def test_coinciding_sweep_points_share_one_label() -> None:
+    from vllm_safeinfer.harmeval.report import merge_coinciding
+
+    points = [(4.0, 62.5, "off"), (6.0, 48.33, "sa gamma=0.1"), (10.0, 31.67, "sa gamma=0.25"),
+              (4.01, 62.5, "sgds lam=0.5"), (4.5, 62.5, "sgds lam=0.9"),
+              (6.0, 48.33, "safeinfer gamma=0.1 lam=0.5")]
+    assert merge_coinciding(points) == [
+        (4.0, 62.5, "off = sgds lam=0.5"),
+        (6.0, 48.33, "sa gamma=0.1 = safeinfer gamma=0.1 lam=0.5"),
+        (10.0, 31.67, "sa gamma=0.25"), (4.5, 62.5, "sgds lam=0.9")]
+    assert merge_coinciding([]) == []
+
+
+def sweep_summary() -> dict:
+    """A summary with the two coincidences real sweeps show: `off` with SGDS at a weak
+    expert, and SA with SafeInfer at the same gamma."""
+    rows = [("off", "off", 62.5, 4.0), ("sa gamma=0.1", "sa", 48.33, 6.0),
+            ("sa gamma=0.25", "sa", 31.67, 10.0), ("sgds lam=0.5", "sgds", 62.5, 4.0),
+            ("sgds lam=0.9", "sgds", 58.0, 5.0),
+            ("safeinfer gamma=0.1 lam=0.5", "safeinfer", 48.33, 6.0)]
+    return {"points": [], "judges": ["keyword", "xstest"], "tradeoff": [
+        {"point": point, "mode": mode, "relative_dose": None, "asr": asr, "asr_judge": "keyword",
+         "over_refusal": refused, "over_refusal_judge": "xstest", "degenerate_pct": 0.0}
+        for point, mode, asr, refused in rows]}
+
+
+def test_sweep_chart_draws_one_clear_label_per_spot(tmp_path: Path) -> None:
+    import matplotlib.image
+    import matplotlib.pyplot as plt
+
+    from vllm_safeinfer.harmeval.report import SWEEP_CHART, _sweep_figure, _write_charts
+
+    summary = sweep_summary()
+    assert _write_charts(tmp_path, summary, []) == [SWEEP_CHART]
+    image = matplotlib.image.imread(tmp_path / SWEEP_CHART)
+    assert image.shape[:2] == (550, 770)  # 7 x 5 inches at 110 dpi
+    assert 0.01 < (image[..., :3] < 0.9).any(axis=-1).mean() < 0.5, "drawn, not blank"
+    fig = _sweep_figure(summary["tradeoff"])
+    labels = fig.axes[0].texts
+    assert [label.get_text() for label in labels] == [
+        "off = sgds lam=0.5", "sa gamma=0.1 = safeinfer gamma=0.1 lam=0.5", "sa gamma=0.25",
+        "sgds lam=0.9"]
+    boxes = [label.get_window_extent() for label in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    plt.close(fig)

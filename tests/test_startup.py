@@ -65,8 +65,7 @@ def test_vector_for_a_look_alike_model_is_refused(tiny_assets, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from vllm_safeinfer.model_identity import (
-        checkpoint_fingerprint, check_vector_model, o_proj_names)
+    from vllm_safeinfer.model_identity import checkpoint_fingerprint, check_vector_model
     from vllm_safeinfer.vectors import SafetyVector
 
     assets = tiny_assets("tiny-llama")
@@ -74,7 +73,7 @@ def test_vector_for_a_look_alike_model_is_refused(tiny_assets, tmp_path):
     vector = SafetyVector(
         vector=torch.ones(assets.hidden_size), layer=1, model="tiny-llama",
         hidden_size=assets.hidden_size, num_layers=4, heads=((1, 0),),
-        model_fingerprint=checkpoint_fingerprint(original, o_proj_names([1])))
+        model_fingerprint=checkpoint_fingerprint(original))
     vector.save(tmp_path / "sv.safetensors")
     vector = SafetyVector.load(tmp_path / "sv.safetensors")
     look_alike = tmp_path / "look-alike"

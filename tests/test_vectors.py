@@ -4,6 +4,7 @@ bundled SmolLM2-135M-Instruct vector."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,15 +12,16 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from vllm_safeinfer.cli import main
-from vllm_safeinfer.model_identity import checkpoint_fingerprint, o_proj_names
+from vllm_safeinfer.model_identity import (
+    SCHEME, check_vector_model, checkpoint_fingerprint, module_fingerprint)
 from vllm_safeinfer.models import SMOLLM2, model_path, tiny_tokenizer
 from vllm_safeinfer.offline.demonstrations import (
     Demonstration, advbench_demonstrations, build_prompt_set, demos_sha256, load_demonstrations)
 from vllm_safeinfer.offline.heads import answer_token_id, prompt_activations, rank_heads
-from vllm_safeinfer.offline.hf import load_model
+from vllm_safeinfer.offline.hf import load_causal_lm, load_model
 from vllm_safeinfer.offline.vector_builder import METHOD_AIE, METHOD_GIVEN, build_safety_vector
 from vllm_safeinfer.vectors import SafetyVector, bundled_vector_path, format_heads, parse_heads
 
@@ -204,9 +206,11 @@ def test_batched_activations_equal_unbatched(tiny, demos) -> None:
 
 
 def test_builder_fingerprint_equals_the_checkpoints(tiny, built) -> None:
-    names = o_proj_names(layer for layer, _ in built.heads)
-    assert built.model_fingerprint == checkpoint_fingerprint(model_path(tiny.name), names)
-    assert len(built.model_fingerprint) == 64
+    """In memory and from the files (tiny-qwen2 ties its output embedding, which its file
+    does not store; tiny-llama stores both)."""
+    assert built.model_fingerprint == checkpoint_fingerprint(model_path(tiny.name))
+    scheme, _, digest = built.model_fingerprint.partition(":")
+    assert (scheme, len(digest)) == (SCHEME, 64)
 
 
 @torch.no_grad()
@@ -469,6 +473,103 @@ def test_parse_heads() -> None:
             parse_heads(text)
 
 
+# Model fingerprint
+
+
+def _edited_copy(src: Path, dst: Path, edit) -> Path:
+    """A copy of a one-file checkpoint whose weights `edit` changed in place."""
+    shutil.copytree(src, dst)
+    [file] = dst.glob("*.safetensors")
+    weights = load_file(file)
+    edit(weights)
+    save_file(weights, file, metadata={"format": "pt"})
+    return dst
+
+
+def _low_rank_update(weights: dict[str, torch.Tensor], *names: str) -> None:
+    """A merged rank-1 LoRA of small size: what a fine-tune does to a matrix."""
+    generator = torch.Generator().manual_seed(0)
+    for name in names:
+        rows, cols = weights[name].shape
+        left = torch.randn(rows, 1, generator=generator)
+        weights[name] += 1e-3 * left @ torch.randn(1, cols, generator=generator)
+
+
+@pytest.mark.parametrize("edited", [
+    ("model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"),
+    ("model.layers.3.mlp.up_proj.weight", "model.layers.3.mlp.down_proj.weight"),
+], ids=["q-v-lora-of-the-steered-layer", "mlp-of-an-unsteered-layer"])
+def test_vector_for_a_fine_tune_is_refused(edited: tuple[str, ...], tmp_path: Path,
+                                           caplog) -> None:
+    """Same shape, weights changed where the vector's heads are not (its o_proj and its
+    layer's MLP untouched): the fingerprint covers every tensor, so it still differs."""
+    original = model_path("tiny-llama")
+    vector = SafetyVector(
+        vector=torch.ones(256), layer=1, model="tiny-llama", hidden_size=256, num_layers=4,
+        heads=((1, 0),), model_fingerprint=checkpoint_fingerprint(original))
+    fine_tune = _edited_copy(original, tmp_path / "fine-tune",
+                             lambda weights: _low_rank_update(weights, *edited))
+    check_vector_model(vector, SimpleNamespace(model=str(original)), allow_other_model=False)
+    with pytest.raises(ValueError, match=r"built for 'tiny-llama', whose weights differ .*"
+                       r"allow_other_model_vectors: true"):
+        check_vector_model(vector, SimpleNamespace(model=str(fine_tune)), allow_other_model=False)
+    check_vector_model(vector, SimpleNamespace(model=str(fine_tune)), allow_other_model=True)
+    assert "allowed by allow_other_model_vectors" in caplog.text
+
+
+@pytest.mark.parametrize("recorded, named", [
+    ("ab" * 32, "the unnamed o_proj-only scheme of earlier versions"),
+    ("sampled-all-v9:" + "ab" * 32, "'sampled-all-v9'"),
+])
+def test_fingerprint_of_another_scheme_is_refused(recorded: str, named: str, caplog) -> None:
+    """A fingerprint this version cannot recompute is not taken as a match."""
+    vector = SafetyVector(
+        vector=torch.ones(256), layer=1, model="tiny-llama", hidden_size=256, num_layers=4,
+        heads=((1, 0),), model_fingerprint=recorded)
+    served = SimpleNamespace(model=str(model_path("tiny-llama")))
+    with pytest.raises(ValueError, match=rf"unknown scheme \({named}; this version computes "
+                       rf"'{SCHEME}'\).*rebuild the vector; set `allow_other_model_vectors"):
+        check_vector_model(vector, served, allow_other_model=False)
+    check_vector_model(vector, served, allow_other_model=True)
+    assert "unknown scheme" in caplog.text
+
+
+def test_fingerprint_is_the_same_for_bf16_and_its_fp32_upcast(tmp_path: Path) -> None:
+    """Files in bf16, the same values upcast to fp32, and the bf16 files loaded in fp32 by
+    the builder all fingerprint alike; rounding to bf16 changes the fingerprint."""
+    original = model_path("tiny-qwen2")
+
+    def cast(dtype: torch.dtype):
+        def edit(weights: dict[str, torch.Tensor]) -> None:
+            for name, tensor in weights.items():
+                weights[name] = tensor.to(torch.bfloat16).to(dtype)
+        return edit
+
+    bf16 = _edited_copy(original, tmp_path / "bf16", cast(torch.bfloat16))
+    upcast = _edited_copy(original, tmp_path / "upcast", cast(torch.float32))
+    assert checkpoint_fingerprint(bf16) == checkpoint_fingerprint(upcast)
+    assert checkpoint_fingerprint(bf16) == module_fingerprint(load_causal_lm(str(bf16)))
+    assert checkpoint_fingerprint(bf16) != checkpoint_fingerprint(original)
+
+
+def test_fingerprint_reads_what_the_loaders_read(tmp_path: Path) -> None:
+    """A tied output embedding stored anyway is skipped, as vLLM's loaders skip it; a
+    sharded checkpoint reads its index's files only, not other copies in the folder."""
+    original = model_path("tiny-qwen2")
+    expected = checkpoint_fingerprint(original)
+
+    def store_tied(weights: dict[str, torch.Tensor]) -> None:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+
+    tied = _edited_copy(original, tmp_path / "tied", store_tied)
+    assert checkpoint_fingerprint(tied) == expected
+    sharded = tmp_path / "sharded"
+    load_causal_lm(str(original)).save_pretrained(sharded, max_shard_size="4MB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    save_file({"tok_embeddings.weight": torch.zeros(2, 2)}, str(sharded / "other.safetensors"))
+    assert checkpoint_fingerprint(sharded) == expected
+
+
 # Bundled vector
 
 
@@ -488,8 +589,7 @@ def test_bundled_smollm2_vector_matches_the_model() -> None:
     assert vector.residual_norm is not None and vector.residual_norm > 0
     # The fingerprint recorded at build time equals the one read from this machine's
     # checkpoint (built from the GGUF here): the conversion is deterministic.
-    assert vector.model_fingerprint == checkpoint_fingerprint(
-        model_path(SMOLLM2), o_proj_names(layer for layer, _ in vector.heads))
+    assert vector.model_fingerprint == checkpoint_fingerprint(model_path(SMOLLM2))
     assert vector.relative_dose() == pytest.approx(
         vector.gamma * vector.vector.norm().item() / vector.residual_norm)
 

@@ -44,7 +44,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                      expert=str(model_path(expert_of(SMOLLM2))), defaults=defaults,
                      out=Path(args.out),
                      limit=args.limit, max_tokens=args.max_tokens,
-                     engine_args={"dtype": "float32", "max_model_len": 2048})
+                     engine_args={"dtype": "float32"})
         except ValueError as err:
             p.error(f"{err} (a finished or stopped demo in --out {args.out} is continued only "
                     "with the same settings: choose another --out or delete it)")
@@ -213,41 +213,62 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
                    help="points of over-refusal allowed above off's")
     p.add_argument("--degeneration-budget", type=float, default=2.0,
                    help="points of degenerate safe answers allowed above off's")
-    p.add_argument("--gammas", type=float, nargs="+", help="gammas to try")
-    p.add_argument("--lams", type=float, nargs="+", help="lams to try")
+    strengths = p.add_mutually_exclusive_group()
+    strengths.add_argument("--doses", type=float, nargs="+",
+                           help="relative doses gamma*|SV|/|h| of the coarse stage "
+                           "(default: 0.05 0.1 0.2 0.4 0.7 1.0 1.5)")
+    strengths.add_argument("--gammas", type=float, nargs="+",
+                           help="gammas instead of doses (one stage: every gamma x lam)")
+    p.add_argument("--lams", type=float, nargs="+", help="lams to try (default: 0.5 0.9 0.99)")
+    p.add_argument("--allow-off", action="store_true",
+                   help="when no defended point fits, write a config serving `off` and exit 0")
     p.add_argument("--limit", type=int, help="prompts per calibration set")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--resume", action="store_true", help="continue the sweep in --report-dir")
-    p.add_argument("--engine-args", default="{}", metavar="JSON", help="more vLLM engine arguments")
+    p.add_argument("--engine-args", default="{}", metavar="JSON",
+                   help="more vLLM engine arguments (max_model_len: sized to the prompts "
+                   "unless given)")
 
     def run(args: argparse.Namespace) -> int:
-        import json
         from pathlib import Path
 
-        from vllm_safeinfer.harmeval.launch import backend_factory, engine_kwargs
+        from vllm_safeinfer.harmeval.launch import (
+            artefact_hashes, backend_factory, engine_kwargs, sized_engine_args)
         from vllm_safeinfer.harmeval.points import parse_sweep
         from vllm_safeinfer.models import resolve_model
-        from vllm_safeinfer.offline.calibrate import DEFAULT_GAMMAS, DEFAULT_LAMS, calibrate
+        from vllm_safeinfer.offline.calibrate import (
+            DEFAULT_DOSES, DEFAULT_LAMS, NoFittingPoint, calibrate, calibration_prompts)
 
         out = Path(args.out)
+        report_dir = Path(args.report_dir or out.with_name(out.stem + "-calibration"))
         safeinfer = {"vector": args.vector}
-        if args.expert:
-            safeinfer["expert_model"] = resolve_model(args.expert)
         try:
-            sweep = parse_sweep([f"gamma={','.join(map(str, args.gammas or DEFAULT_GAMMAS))}",
-                                 f"lam={','.join(map(str, args.lams or DEFAULT_LAMS))}"])
+            if args.expert:
+                safeinfer["expert_model"] = resolve_model(args.expert)
+            sweep = parse_sweep([f"lam={','.join(map(repr, args.lams or DEFAULT_LAMS))}"]
+                                + ([f"gamma={','.join(map(repr, args.gammas))}"]
+                                   if args.gammas else []))
             model = resolve_model(args.model)
+            engine_args = sized_engine_args(model, calibration_prompts(args.limit),
+                                            args.max_tokens, _json_object(args.engine_args))
             make_backend = backend_factory(llm_kwargs=engine_kwargs(
-                model, safeinfer, seed=0, extra=json.loads(args.engine_args)))
+                model, safeinfer, seed=0, extra=engine_args))
             _, chosen, _ = calibrate(
                 model=args.model, safeinfer=safeinfer, make_backend=make_backend, out=out,
-                report_dir=Path(args.report_dir or out.with_name(out.stem + "-calibration")),
-                gammas=sweep["gamma"], lams=sweep["lam"],
+                report_dir=report_dir, doses=args.doses or DEFAULT_DOSES,
+                gammas=sweep.get("gamma"), lams=sweep["lam"],
                 over_refusal_budget=args.over_refusal_budget,
-                degeneration_budget=args.degeneration_budget, limit=args.limit,
-                max_tokens=args.max_tokens, resume=args.resume)
-        except (ValueError, json.JSONDecodeError) as err:
+                degeneration_budget=args.degeneration_budget, allow_off=args.allow_off,
+                limit=args.limit, max_tokens=args.max_tokens, engine_args=engine_args,
+                artefacts=artefact_hashes(safeinfer), resume=args.resume)
+        except ValueError as err:
             p.error(str(err))
+        except NoFittingPoint as err:
+            print(f"safeinfer calibrate: {err}", file=sys.stderr)
+            return 1
+        if chosen is None:
+            print(f"chosen: off (no defended point fits; --allow-off); wrote {out}")
+            return 0
         print(f"chosen: {chosen.point} (ASR {chosen.asr:.1f}%, over-refusal "
               f"{chosen.over_refusal:.1f}%, degenerate safe answers "
               f"{chosen.benign_degenerate:.1f}%); wrote {out}")
@@ -314,6 +335,9 @@ def _add_harmeval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--judge-url", help="OpenAI-compatible endpoint of the openai judge")
     p.add_argument("--judge-model", help="model name of the openai judge")
     p.add_argument("--judge-api-key", help="API key of the judge endpoint")
+    p.add_argument("--judge-retry-errors", action="store_true",
+                   help="ask the openai judge again about responses its endpoint refused "
+                   "to judge (cached `error` verdicts), e.g. with --resume")
     p.add_argument("--per-category", type=int, help="at most N prompts per category")
     p.add_argument("--limit", type=int, help="at most N prompts per dataset (stratified)")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -330,11 +354,15 @@ def _add_harmeval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", help="API key of --endpoint")
     p.add_argument("--engine-args", default="{}", metavar="JSON",
                    help='more vLLM engine arguments, e.g. \'{"dtype": "float32", '
-                   '"max_model_len": 2048, "enforce_eager": true}\'')
+                   '"enforce_eager": true}\' (max_model_len: sized to the prompts unless '
+                   'given)')
+    p.add_argument("--allow-calibration-prompts", action="store_true",
+                   help="evaluate on the calibration sets too (advbench-calibration, "
+                   "xstest-calibration), and keep prompts whose twin is a calibration prompt")
     add_safeinfer_arguments(p)
 
     def run(args: argparse.Namespace) -> int:
-        import json
+        from dataclasses import replace
         from pathlib import Path
 
         from vllm_safeinfer.config import SafeInferConfig
@@ -342,10 +370,12 @@ def _add_harmeval(sub: argparse._SubParsersAction) -> None:
         from vllm_safeinfer.harmeval.judges import make_judges
         from vllm_safeinfer.harmeval.backends import GenerationError
         from vllm_safeinfer.harmeval.judges import JudgeError
-        from vllm_safeinfer.harmeval.launch import backend_factory, engine_kwargs, environment
+        from vllm_safeinfer.harmeval.launch import (
+            artefact_hashes, backend_factory, engine_kwargs, environment, sized_engine_args)
         from vllm_safeinfer.harmeval.points import (
             check_servable, parse_sweep, plan_points, servable_modes)
-        from vllm_safeinfer.harmeval.run import JUDGE_CACHE, HarmEvalSettings, run_harmeval
+        from vllm_safeinfer.harmeval.run import (
+            JUDGE_CACHE, HarmEvalSettings, run_harmeval, sample_items)
         from vllm_safeinfer.models import resolve_model
 
         try:
@@ -360,23 +390,29 @@ def _add_harmeval(sub: argparse._SubParsersAction) -> None:
             out = Path(args.out)
             judges = make_judges(args.judge.split(","), judge_url=args.judge_url,
                                  judge_model=args.judge_model, api_key=args.judge_api_key,
-                                 cache_path=out / JUDGE_CACHE)
+                                 cache_path=out / JUDGE_CACHE,
+                                 retry_errors=args.judge_retry_errors)
             settings = HarmEvalSettings(
                 model=args.model or args.served_model, datasets=tuple(args.dataset.split(",")),
                 points=points, prompt_style=args.prompt_style,
                 judges=tuple(j.name for j in judges), per_category=args.per_category,
                 limit=args.limit, max_tokens=args.max_tokens, temperature=args.temperature,
-                seed=args.seed, safeinfer=raw)
-            extra = json.loads(args.engine_args)
-            if not isinstance(extra, dict):
-                raise ValueError("--engine-args must be a JSON object")
-            llm_kwargs = None if args.model is None else engine_kwargs(
-                resolve_model(args.model), raw, seed=args.seed, extra=extra)
+                seed=args.seed, safeinfer=raw,
+                allow_calibration_prompts=args.allow_calibration_prompts,
+                endpoint=args.endpoint, artefacts=artefact_hashes(raw))
+            prompts = [item.prompt for item in sample_items(settings)[0]]
+            llm_kwargs = None
+            if args.model is not None:
+                model = resolve_model(args.model)
+                settings = replace(settings, engine_args=sized_engine_args(
+                    model, prompts, args.max_tokens, _json_object(args.engine_args)))
+                llm_kwargs = engine_kwargs(model, raw, seed=args.seed,
+                                           extra=settings.engine_args)
             make_backend = backend_factory(
                 llm_kwargs=llm_kwargs, endpoint=args.endpoint, served_model=args.served_model,
                 api_key=args.api_key, use_ray=args.ray is not None,
                 ray_address=args.ray or None, workers=args.workers)
-        except (ValueError, json.JSONDecodeError) as err:
+        except ValueError as err:
             p.error(str(err))
         try:
             summary = run_harmeval(settings, make_backend, judges, out, resume=args.resume,
@@ -390,6 +426,19 @@ def _add_harmeval(sub: argparse._SubParsersAction) -> None:
         return 0
 
     p.set_defaults(func=run)
+
+
+def _json_object(text: str) -> dict:
+    """`--engine-args`: a JSON object, or a ValueError that says so."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--engine-args is not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise ValueError("--engine-args must be a JSON object")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,8 @@ FLAGS: dict[str, dict[str, Any]] = {
     "lam": dict(type=float, help="default lam of safety-guided decoding"),
     "allow_other_model_vectors": dict(
         action="store_const", const=True,
-        help="serve vectors whose recorded model fingerprint differs from the served model's"),
+        help="serve vectors whose recorded model fingerprint differs from the served model's "
+        "or is of an older scheme"),
 }
 
 

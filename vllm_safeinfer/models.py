@@ -14,7 +14,9 @@ downloaded.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -87,12 +89,23 @@ def model_path(name: str) -> Path:
     """Checkpoint folder of a named model, built on first use."""
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
-    out = cache_dir() / "models" / f"{name}-v{_BUILD_VERSION}"
+    out = cache_dir() / "models" / _folder_name(name)
     if not (out / "config.json").exists():
         build = {SMOLLM2: _build_smollm2, SMOLLM2_EXPERT: _build_smollm2_expert}.get(
             name, _build_shape if name in SHAPE_MODELS else _build_tiny)
         _build_atomically(out, lambda tmp: build(name, tmp))
     return out
+
+
+def _folder_name(name: str) -> str:
+    """A model's cache folder. SmolLM2's expert is trained on the split's expert part,
+    so its folder names that part's hash: a changed split builds a new expert."""
+    if name != SMOLLM2_EXPERT:
+        return f"{name}-v{_BUILD_VERSION}"
+    from vllm_safeinfer.data import advbench_split
+
+    rows = [[row.goal, row.target] for row in advbench_split().expert_train]
+    return f"{name}-v{_BUILD_VERSION}-{hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:12]}"
 
 
 def resolve_model(name_or_path: str) -> str:

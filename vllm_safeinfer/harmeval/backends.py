@@ -12,7 +12,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from vllm_safeinfer.harmeval.http import RetriesExhausted, api_url, post_json
+import openai
+
+from vllm_safeinfer.harmeval.http import ChatEndpoint, NotACompletion, describe, is_transient
 
 
 @dataclass(frozen=True)
@@ -96,24 +98,21 @@ class EngineBackend:
 class EndpointBackend:
     """A running OpenAI-compatible server (`safeinfer serve`, vLLM, or anyone's):
     `/v1/chat/completions` with the options in `vllm_xargs`, `concurrency` requests in
-    flight. A 4xx answer stops the run with the server's message."""
+    flight. The `openai` client retries transient failures (HTTP 5xx, 408, 409, 429,
+    dropped connections, time-outs) with backoff, honouring Retry-After; a failure that
+    persists, or any other error answer (a 4xx: the request itself is wrong), stops the
+    run with the server's message."""
 
     def __init__(self, base_url: str, served_model: str, *, api_key: str | None = None,
-                 concurrency: int = 16, timeout_s: float = 600.0, max_retries: int = 3,
-                 backoff_s: float = 1.0) -> None:
-        self.url = api_url(base_url, "/chat/completions")
+                 concurrency: int = 16, timeout_s: float = 600.0, max_retries: int = 3) -> None:
+        self._endpoint = ChatEndpoint(base_url, api_key=api_key, max_retries=max_retries,
+                                      timeout_s=timeout_s)
+        self.url = self._endpoint.url
         self.served_model = served_model
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.concurrency = concurrency
-        self.timeout_s = timeout_s
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
 
     def generate(self, requests: Sequence[GenerationRequest], on_done: OnDone) -> None:
-        import httpx
-
-        with httpx.Client(timeout=self.timeout_s, headers=self.headers) as client, \
-                ThreadPoolExecutor(self.concurrency) as pool:
+        with self._endpoint.client() as client, ThreadPoolExecutor(self.concurrency) as pool:
             futures = [pool.submit(self._one, client, request) for request in requests]
             try:
                 for future in as_completed(futures):
@@ -122,7 +121,7 @@ class EndpointBackend:
                 for future in futures:
                     future.cancel()
 
-    def _one(self, client, request: GenerationRequest) -> Generation:
+    def _one(self, client: openai.OpenAI, request: GenerationRequest) -> Generation:
         body: dict[str, Any] = {
             "model": self.served_model,
             "messages": [{"role": "user", "content": request.prompt}],
@@ -130,21 +129,18 @@ class EndpointBackend:
             "temperature": request.temperature,
             "seed": request.seed,
         }
-        if request.extra_args:
-            body["vllm_xargs"] = dict(request.extra_args)
+        extra = {"vllm_xargs": dict(request.extra_args)} if request.extra_args else None
         try:
-            response = post_json(client, self.url, body, max_retries=self.max_retries,
-                                 backoff_s=self.backoff_s)
-        except RetriesExhausted as exc:
+            reply = self._endpoint.complete(client, body, extra_body=extra)
+        except NotACompletion as exc:
             raise GenerationError(str(exc)) from exc
-        if response.status_code != 200:
-            raise GenerationError(f"{self.url} refused request {request.request_id!r} "
-                                  f"(HTTP {response.status_code}): {response.text[:1000]}")
-        answer = response.json()
-        choice = answer["choices"][0]
-        return Generation(request.request_id, choice["message"].get("content") or "",
-                          choice.get("finish_reason"),
-                          int((answer.get("usage") or {}).get("completion_tokens") or 0))
+        except openai.APIError as exc:
+            if is_transient(exc):
+                raise GenerationError(self._endpoint.gave_up(exc)) from exc
+            raise GenerationError(f"{self.url} refused request {request.request_id!r}: "
+                                  f"{describe(exc)}") from exc
+        return Generation(request.request_id, reply.text, reply.finish_reason,
+                          reply.completion_tokens)
 
 
 class RayBackend:

@@ -5,12 +5,15 @@ a server gets it."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from vllm_safeinfer.config import CONFIG_KEY, SafeInferConfig
 from vllm_safeinfer.harmeval.backends import Backend, EndpointBackend, EngineBackend, RayBackend
+
+MODEL_LEN_ROUNDING = 64
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")
 
 
 def engine_kwargs(model: str, safeinfer: Mapping[str, Any] | None, *, seed: int,
@@ -22,6 +25,40 @@ def engine_kwargs(model: str, safeinfer: Mapping[str, Any] | None, *, seed: int,
         kwargs["additional_config"] = {CONFIG_KEY: dict(safeinfer)}
     kwargs.update(extra or {})
     return kwargs
+
+
+def sized_engine_args(model: str, prompts: Sequence[str], max_tokens: int,
+                      extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`extra` with `max_model_len` set to what the run needs, unless the user set it:
+    the longest chat-formatted prompt plus `max_tokens`, rounded up to 64. A model with
+    a 32k context would otherwise ask for KV space for 32k tokens and fail at start-up
+    under a small KV space, although the run generates a few hundred."""
+    args = dict(extra or {})
+    if "max_model_len" in args or not prompts:
+        return args
+    from transformers import AutoConfig, AutoTokenizer
+
+    from vllm_safeinfer.models import chat_prompt_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    longest = max(map(len, chat_prompt_ids(tokenizer, list(dict.fromkeys(prompts)))))
+    needed = -(-(longest + max_tokens) // MODEL_LEN_ROUNDING) * MODEL_LEN_ROUNDING
+    context = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None)
+    args["max_model_len"] = needed if context is None else min(needed, context)
+    return args
+
+
+def artefact_hashes(safeinfer: Mapping[str, Any] | None) -> dict[str, str]:
+    """SHA-256 of every vector file and of the expert's weights (its weight files, in
+    name order), so a resumed run can tell a rebuilt artefact at the same path."""
+    if safeinfer is None:
+        return {}
+    config = SafeInferConfig.from_dict(safeinfer)
+    hashes = {f"vector {name}": _file_sha256(path)
+              for name, path in sorted(config.vectors.items())}
+    if config.expert_model is not None:
+        hashes["expert"] = _weights_sha256(Path(config.expert_model))
+    return hashes
 
 
 def backend_factory(*, llm_kwargs: Mapping[str, Any] | None, endpoint: str | None = None,
@@ -69,8 +106,22 @@ def environment(safeinfer: Mapping[str, Any] | None) -> dict[str, str]:
     return env
 
 
-def _file_sha256(path: str) -> str:
+def _file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
     except OSError:
         return "unreadable"
+    return digest.hexdigest()
+
+
+def _weights_sha256(folder: Path) -> str:
+    files = sorted(f for pattern in WEIGHT_FILES for f in folder.glob(pattern))
+    if not files:
+        return f"not a local checkpoint: {folder}"
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}:{_file_sha256(file)}\n".encode())
+    return digest.hexdigest()

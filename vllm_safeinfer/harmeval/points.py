@@ -29,10 +29,12 @@ class Point:
 
     @property
     def key(self) -> str:
-        """A readable, unique name: `sa gamma=0.5`, `safeinfer gamma=0.5 lam=0.9`."""
+        """A readable, unique name: `sa gamma=0.5`, `safeinfer gamma=0.5 lam=0.9`. Values
+        print as the shortest text that reads back as the same float, so two strengths
+        never share a key."""
         parts = [self.mode]
-        parts += [f"{name}={value:g}" for name, value in (("gamma", self.gamma),
-                                                           ("lam", self.lam))
+        parts += [f"{name}={float(value)!r}" for name, value in (("gamma", self.gamma),
+                                                                  ("lam", self.lam))
                   if value is not None]
         return " ".join(parts)
 

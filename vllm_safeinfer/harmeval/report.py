@@ -34,6 +34,12 @@ def _dose(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
+def _dropped(dropped: Mapping[str, int]) -> str:
+    if not dropped:
+        return "0"
+    return f"{sum(dropped.values())}: " + "; ".join(f"{n} {why}" for why, n in dropped.items())
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -78,6 +84,9 @@ def render_markdown(summary: Mapping[str, Any], settings, datasets: Sequence[Any
             undecided = [cell["undecided"] if cell else 0 for cell in cells]
             if any(undecided):
                 rows.append(["undecided (counted apart)"] + [str(u) for u in undecided])
+            errors = [cell["errors"] if cell else 0 for cell in cells]
+            if any(errors):
+                rows.append(["judge errors (counted apart)"] + [str(e) for e in errors])
             lines += _table(["category", *keys], rows)
     for info in safe:
         lines += [f"## Over-refusal % on {info.name} (safe prompts)", ""]
@@ -126,9 +135,10 @@ def render_markdown(summary: Mapping[str, Any], settings, datasets: Sequence[Any
         ["SafeInfer config", "`" + json.dumps(settings.safeinfer, sort_keys=True) + "`"
          if settings.safeinfer is not None else "the server's (not known here)"],
     ])
-    lines += _table(["dataset", "rows", "sampled", "kind", "sha256"],
-                    [[d.name, str(d.rows), str(d.sampled), "safe" if d.safe else "harmful",
-                      f"`{d.sha256[:16]}`"] for d in datasets])
+    lines += _table(["dataset", "rows", "dropped (twin of a prompt the defence was built or "
+                     "tuned on)", "sampled", "kind", "sha256"],
+                    [[d.name, str(d.rows), _dropped(d.dropped), str(d.sampled),
+                      "safe" if d.safe else "harmful", f"`{d.sha256[:16]}`"] for d in datasets])
     if environment:
         lines += _table(["component", "version / identity"],
                         [[k, str(v)] for k, v in sorted(environment.items())])
@@ -170,25 +180,101 @@ def _write_charts(out: Path, summary: Mapping[str, Any], datasets: Sequence[Any]
     curve = [t for t in summary["tradeoff"]
              if t["asr"] is not None and t["over_refusal"] is not None]
     if curve:
-        fig, ax = plt.subplots(figsize=(7, 5))
-        for mode in dict.fromkeys(t["mode"] for t in curve):
-            mine = [t for t in curve if t["mode"] == mode]
-            ax.plot([t["over_refusal"] for t in mine], [t["asr"] for t in mine], "o-",
-                    label=mode)
-            for t in mine:
-                ax.annotate(t["point"], (t["over_refusal"], t["asr"]), fontsize=7,
-                            textcoords="offset points", xytext=(4, 4))
-        ax.set_xlabel(f"over-refusal % ({curve[0]['over_refusal_judge']} judge)")
-        ax.set_ylabel(f"ASR % ({curve[0]['asr_judge']} judge)")
-        ax.set_xlim(-2, 102)
-        ax.set_ylim(-2, 102)
-        ax.set_title("Safety vs over-refusal, every point")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
+        fig = _sweep_figure(curve)
         _save(fig, out / SWEEP_CHART)
         plt.close(fig)
         written.append(SWEEP_CHART)
     return written
+
+
+def merge_coinciding(points: Sequence[tuple[float, float, str]], tolerance: float = 0.05
+                     ) -> list[tuple[float, float, str]]:
+    """One label per spot: points less than `tolerance` (in % points, on both axes) from a
+    group's first point join its label as "a = b", since labels drawn at one spot print
+    over each other. Groups keep the order, and the coordinates, of their first points."""
+    groups: list[tuple[float, float, list[str]]] = []
+    for x, y, label in points:
+        group = next((g for g in groups
+                      if abs(g[0] - x) < tolerance and abs(g[1] - y) < tolerance), None)
+        if group is None:
+            groups.append((x, y, [label]))
+        else:
+            group[2].append(label)
+    return [(x, y, " = ".join(labels)) for x, y, labels in groups]
+
+
+def _sweep_figure(curve: Sequence[Mapping[str, Any]]):
+    """ASR against over-refusal, one line per mode, one label per spot (`merge_coinciding`),
+    placed clear of the other labels, the markers and the legend (`_place_labels`). Each
+    mode's markers are smaller than the previous mode's, so coinciding points show as
+    concentric rings rather than the last one drawn hiding the others."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for i, mode in enumerate(dict.fromkeys(t["mode"] for t in curve)):
+        mine = [t for t in curve if t["mode"] == mode]
+        ax.plot([t["over_refusal"] for t in mine], [t["asr"] for t in mine], "o-",
+                markersize=max(_MARKER_PT - 1.5 * i, 3), label=mode)
+    ax.set_xlabel(f"over-refusal % ({curve[0]['over_refusal_judge']} judge)")
+    ax.set_ylabel(f"ASR % ({curve[0]['asr_judge']} judge)")
+    ax.set_xlim(-2, 102)
+    ax.set_ylim(-2, 102)
+    ax.set_title("Safety vs over-refusal, every point")
+    legend = ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.canvas.draw()
+    # Pin the legend where "best" put it among the markers: left on "best", it would move
+    # again to dodge the labels placed next.
+    corner = legend.get_window_extent().p0
+    legend.set_loc(tuple(ax.transAxes.inverted().transform(corner)))
+    _place_labels(fig, ax, merge_coinciding(
+        [(t["over_refusal"], t["asr"], t["point"]) for t in curve]))
+    return fig
+
+
+_MARKER_PT = 9
+# Where a label may go, in points from its marker's centre, nearest first: above right,
+# below right, above left, below left (clear of the largest marker), then further up and
+# down, where a thin leader line ties it to its marker.
+_LABEL_OFFSETS = tuple((dx, dy) for dy in (5, -12, 16, -23, 27, -34, 38, -45, 49, -56)
+                       for dx in (5, -5))
+_NEAR_OFFSETS = 4
+
+
+def _place_labels(fig, ax, labels: Sequence[tuple[float, float, str]]) -> None:
+    """Greedy: each label, in order, takes the first offset whose box stays inside the
+    axes and clear of the labels placed before, every marker and the legend; failing
+    that, the offset with the fewest clashes. Deterministic, so the chart's bytes are."""
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    radius = _MARKER_PT / 2 * fig.dpi / 72
+    taken = [ax.get_legend().get_window_extent(renderer)]
+    for x, y in ax.transData.transform([(x, y) for x, y, _ in labels]):
+        taken.append(Bbox.from_extents(x - radius, y - radius, x + radius, y + radius))
+    for x, y, text in labels:
+        tried = []
+        for rank, offset in enumerate(_LABEL_OFFSETS):
+            note = _label(ax, text, (x, y), offset, leader=False)
+            box = note.get_window_extent(renderer)
+            note.remove()
+            outside = not (frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1))
+            tried.append((sum(box.overlaps(other) for other in taken) + outside, rank, box))
+            if tried[-1][0] == 0:
+                break
+        _, rank, box = min(tried, key=lambda item: item[:2])
+        _label(ax, text, (x, y), _LABEL_OFFSETS[rank], leader=rank >= _NEAR_OFFSETS)
+        taken.append(box)
+
+
+def _label(ax, text: str, xy: tuple[float, float], offset: tuple[int, int], *,
+           leader: bool):
+    """One point label at `offset` points from `xy`, with a leader line if asked."""
+    arrow = dict(arrowstyle="-", color="0.6", lw=0.6, shrinkA=1, shrinkB=_MARKER_PT / 2)
+    return ax.annotate(text, xy, xytext=offset, textcoords="offset points", fontsize=7,
+                       ha="left" if offset[0] > 0 else "right",
+                       arrowprops=arrow if leader else None)
 
 
 def _save(fig, path: Path) -> None:

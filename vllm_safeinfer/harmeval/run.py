@@ -16,6 +16,7 @@ from tqdm import tqdm
 from vllm_safeinfer.data import SAFE_SETS, evaluation_set, prompts_sha256, stratified_sample
 from vllm_safeinfer.harmeval.backends import Backend, Generation, GenerationRequest, request_seed
 from vllm_safeinfer.harmeval.degeneration import degeneration
+from vllm_safeinfer.harmeval.judges import ERROR as ERROR_LABEL
 from vllm_safeinfer.harmeval.judges import Judge, OpenAIJudge
 from vllm_safeinfer.harmeval.points import Point
 from vllm_safeinfer.harmeval.prompts import style_prompt
@@ -39,8 +40,12 @@ class Item:
 
 @dataclass(frozen=True)
 class DatasetInfo:
+    """A dataset as run: `rows` before the leak filter, `dropped` by it (rows by
+    reason), `sampled` from what it kept, `sha256` of what it kept."""
+
     name: str
     rows: int
+    dropped: Mapping[str, int]
     sampled: int
     sha256: str
     safe: bool
@@ -61,24 +66,33 @@ class HarmEvalSettings:
     temperature: float = 0.0
     seed: int = 0
     safeinfer: Mapping[str, Any] | None = None
+    allow_calibration_prompts: bool = False
+    engine_args: Mapping[str, Any] | None = None
+    endpoint: str | None = None
+    artefacts: Mapping[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["points"] = [p.to_dict() for p in self.points]
-        out["safeinfer"] = dict(self.safeinfer) if self.safeinfer is not None else None
+        for key in ("safeinfer", "engine_args", "artefacts"):
+            value = getattr(self, key)
+            out[key] = dict(value) if value is not None else None
         return out
 
 
 def sample_items(settings: HarmEvalSettings) -> tuple[list[Item], list[DatasetInfo]]:
-    """The run's prompts: each dataset sampled per category under the seed."""
+    """The run's prompts: each dataset, less the prompts the defence was built or tuned
+    on, sampled per category under the seed."""
     items: list[Item] = []
     infos: list[DatasetInfo] = []
     for name in settings.datasets:
-        prompts = evaluation_set(name)
+        evaluated = evaluation_set(
+            name, allow_calibration_prompts=settings.allow_calibration_prompts)
+        prompts = evaluated.prompts
         chosen = stratified_sample(prompts, per_category=settings.per_category,
                                    limit=settings.limit, seed=settings.seed)
-        infos.append(DatasetInfo(name, len(prompts), len(chosen), prompts_sha256(prompts),
-                                 safe=name in SAFE_SETS))
+        infos.append(DatasetInfo(name, evaluated.rows, dict(evaluated.dropped), len(chosen),
+                                 prompts_sha256(prompts), safe=name in SAFE_SETS))
         for index in chosen:
             prompt = prompts[index]
             items.append(Item(f"{name}:{index}", name, prompt.category, prompt.text,
@@ -161,8 +175,10 @@ def _judge_with_llms(judges: Sequence[Judge], store: ResponseStore, out: Path,
     for judge in judges:
         if not isinstance(judge, OpenAIJudge):
             continue
-        todo: list[Record] = [r for r in store.records.values()
-                              if judge.name not in r["verdicts"]]
+        todo: list[Record] = [
+            r for r in store.records.values()
+            if judge.name not in r["verdicts"]
+            or (judge.retry_errors and r["verdicts"][judge.name]["label"] == ERROR_LABEL)]
         verdicts = judge.judge_many([(r["question"], r["response"]) for r in todo],
                                     progress=progress)
         for record, verdict in zip(todo, verdicts):

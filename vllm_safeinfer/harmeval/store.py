@@ -76,9 +76,19 @@ class ResponseStore:
 
 
 def write_atomically(path: Path, text: str | bytes) -> None:
+    """Replace `path` so that a crash leaves the old file or the new one, never a torn
+    one: the new bytes reach the disk before the rename, the rename before returning."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(text.encode() if isinstance(text, str) else text)
+    with tmp.open("wb") as handle:
+        handle.write(text.encode() if isinstance(text, str) else text)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def _check_same_settings(path: Path, settings: Mapping[str, Any]) -> None:
@@ -87,7 +97,21 @@ def _check_same_settings(path: Path, settings: Mapping[str, Any]) -> None:
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"--resume: cannot read the run's settings {path}: {exc}") from exc
     current = json.loads(json.dumps(settings))
-    differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    differ = _differences(saved, current)
     if differ:
         raise ValueError(f"--resume: these settings differ from the run in {path.parent}: "
                          f"{', '.join(differ)}")
+
+
+def _differences(saved: Any, current: Any, where: str = "") -> list[str]:
+    """The dotted names of the values that differ, as deep as both are objects."""
+    if not (isinstance(saved, dict) and isinstance(current, dict)):
+        return [] if saved == current else [where or "settings"]
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        name = f"{where}.{key}" if where else key
+        if key not in saved or key not in current:
+            out.append(name)
+        else:
+            out += _differences(saved[key], current[key], name)
+    return out

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from vllm_safeinfer.config import SafeInferConfig
+from vllm_safeinfer.harmeval.judges import ERROR
 from vllm_safeinfer.harmeval.points import relative_doses
 
 NO_CATEGORY = "all"
@@ -57,14 +58,19 @@ def _judges_field(rows: Iterable[Mapping[str, Any]], judge: str, field: str) -> 
 
 def _rate(rows: Sequence[Mapping[str, Any]], judge: str, field: str) -> dict[str, Any]:
     """Per category: % of judged rows where `field` is true; the macro average over
-    categories (ASR's headline) and the overall % (over-refusal's); rows the judge could
-    not decide, counted apart."""
+    categories (ASR's headline) and the overall % (over-refusal's); counted apart, the
+    rows the judge read but could not decide (`undecided`, e.g. unparseable) and those
+    its endpoint refused to judge (`errors`)."""
     by_category: dict[str, list[bool]] = {}
-    undecided = 0
+    undecided = errors = 0
     for row in rows:
-        value = row["verdicts"].get(judge, {}).get(field)
+        verdict = row["verdicts"].get(judge, {})
+        value = verdict.get(field)
         if value is None:
-            undecided += 1
+            if verdict.get("label") == ERROR:
+                errors += 1
+            else:
+                undecided += 1
             continue
         by_category.setdefault(row["category"] or NO_CATEGORY, []).append(bool(value))
     raw = {c: 100.0 * sum(v) / len(v) for c, v in sorted(by_category.items())}
@@ -77,7 +83,7 @@ def _rate(rows: Sequence[Mapping[str, Any]], judge: str, field: str) -> dict[str
             labels[label] = labels.get(label, 0) + 1
     decided = [v for values in by_category.values() for v in values]
     return {"macro": macro, "overall": pct(sum(decided), len(decided)),
-            "by_category": rates, "undecided": undecided,
+            "by_category": rates, "undecided": undecided, "errors": errors,
             "labels": dict(sorted(labels.items()))}
 
 

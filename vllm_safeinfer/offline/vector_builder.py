@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from vllm_safeinfer import __version__
-from vllm_safeinfer.model_identity import module_fingerprint, o_proj_names
+from vllm_safeinfer.model_identity import module_fingerprint
 from vllm_safeinfer.offline.demonstrations import (
     Demonstration, build_prompt_set, demos_sha256, require_corrupted)
 from vllm_safeinfer.offline.heads import (
@@ -108,7 +108,7 @@ def build_safety_vector(
         shots=shots,
         rank_prompts=rank_prompts if effects else 0,
         residual_norm=float(measured.residual_norms[layer]),
-        model_fingerprint=_fingerprint(model, heads),
+        model_fingerprint=module_fingerprint(model),
     )
 
 
@@ -127,12 +127,3 @@ def _check_heads(heads: Sequence[Head], shape: HeadShape) -> None:
         )
     if len(set(map(tuple, heads))) != len(heads):
         raise ValueError("a head is listed twice")
-
-
-def _fingerprint(model: nn.Module, heads: Sequence[Head]) -> str:
-    """The weights the vector came from, so a server can tell its model from a look-alike;
-    empty (unchecked) for models that do not name them as HF's Llama-style decoders do."""
-    try:
-        return module_fingerprint(model, o_proj_names(layer for layer, _ in heads))
-    except ValueError:
-        return ""
