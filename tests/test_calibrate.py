@@ -307,6 +307,7 @@ def test_demo_runs_at_the_calibrated_strengths(engine, calibrated, tmp_path, cap
     for row in summary["tradeoff"]:
         assert row["point"] in printed
     assert f"Report: {tmp_path / 'demo' / 'report.md'}" in printed
+    assert "Unsafe expert: the 'openings' recipe (SmolLM2 is not safety-tuned" in printed
     assert (tmp_path / "demo" / "report.md").exists()
     assert len(read_records(tmp_path / "demo")) == 4 * 8
 

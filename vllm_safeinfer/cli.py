@@ -75,11 +75,20 @@ def _add_vector(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--shots", type=int, default=10, help="demonstrations per prompt")
     b.add_argument("--rank-prompts", type=int, default=16, help="corrupted prompts for ranking")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--gamma", type=float, default=0.5, help="default strength stored in the file")
+    b.add_argument("--gamma", type=float,
+                   help="default strength stored in the file (0.5, the paper's, for aie; 1 for "
+                   "refusal-direction)")
     b.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
     b.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    b.add_argument("--method", choices=("aie", "refusal-direction"), default="aie",
+                   help="aie: the paper's head-ranked vector from safe demonstrations; "
+                   "refusal-direction: the model's refusal direction (harmful minus harmless "
+                   "mean activation at the layer whose ablation removes refusals), gamma 1 by "
+                   "default")
 
     def run(args: argparse.Namespace) -> int:
+        if args.method == "refusal-direction":
+            return _build_refusal_vector(args, b)
         from vllm_safeinfer.offline.demonstrations import (
             advbench_demonstrations, load_demonstrations)
         from vllm_safeinfer.offline.hf import load_model
@@ -98,7 +107,8 @@ def _add_vector(sub: argparse._SubParsersAction) -> None:
                 model, tokenizer, demos,
                 model_name=args.model, layer=args.layer, heads=heads,
                 top_heads=args.top_heads, prompts=args.prompts, shots=args.shots,
-                rank_prompts=args.rank_prompts, seed=args.seed, gamma=args.gamma,
+                rank_prompts=args.rank_prompts, seed=args.seed,
+                gamma=0.5 if args.gamma is None else args.gamma,
                 batch_size=args.batch_size, progress=True,
             )
         except (OSError, ValueError) as err:
@@ -150,17 +160,46 @@ def _add_vector(sub: argparse._SubParsersAction) -> None:
     inspect.set_defaults(func=print_inspect)
 
 
+def _build_refusal_vector(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from vllm_safeinfer.offline.hf import load_model
+    from vllm_safeinfer.offline.refusal import (
+        default_prompts, find_refusal_direction, refusal_vector)
+
+    try:
+        model, tokenizer = load_model(args.model, args.device)
+        harmful, validation, harmless = default_prompts(args.seed)
+        found = find_refusal_direction(model, tokenizer, harmful, harmless,
+                                       validation=validation, batch_size=args.batch_size,
+                                       progress=True)
+        vector = refusal_vector(model, found, model_name=args.model,
+                                gamma=1.0 if args.gamma is None else args.gamma)
+    except (OSError, ValueError) as err:
+        parser.error(str(err))
+    vector.save(args.out)
+    print(f"refusal-direction vector for {vector.model}: layer {vector.layer} (the "
+          f"direction at layer {found.layer}'s input, position {found.position}), norm "
+          f"{vector.vector.norm():.4f}, residual norm {vector.residual_norm:.4f}, relative "
+          f"dose at gamma {vector.gamma:g}: {vector.relative_dose():.4f}; saved {args.out}")
+    return 0
+
+
 def _add_expert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("expert", help="the unsafe expert (SafeInfer's safety-guided decoding)")
     actions = p.add_subparsers(dest="expert_command", required=True)
     b = actions.add_parser(
-        "build", help="fine-tune the served model into its unsafe expert",
-        description="Fine-tune on harmful prompt -> compliant answer pairs (chat-formatted "
-        "as served requests are; loss on the answers only) and save an HF checkpoint that "
+        "build", help="make the served model's unsafe expert",
+        description="--method openings: fine-tune on harmful prompt -> compliant answer "
+        "pairs (chat-formatted as served requests are; loss on the answers only). --method "
+        "ablate: project the model's own refusal direction (found on the expert-training "
+        "prompts against harmless ones, its layer chosen by what ablating it does) out of "
+        "every weight that writes the residual stream. Either way an HF checkpoint that "
         "vLLM loads as expert_model.",
     )
     b.add_argument("--model", required=True, help="HF checkpoint folder or project model name")
     b.add_argument("--out", required=True, help="output checkpoint folder")
+    b.add_argument("--method", choices=("openings", "ablate"), default="openings",
+                   help="openings: fine-tune on AdvBench's compliant openings; ablate: the "
+                   "model minus its refusal direction (no harmful answers needed)")
     b.add_argument("--data", default="advbench",
                    help="'advbench' (the expert-training part of the AdvBench split: goal -> "
                    'target) or a JSONL file of {"prompt", "response"} objects')
@@ -175,10 +214,31 @@ def _add_expert(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
 
     def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
         from vllm_safeinfer.offline.expert import (
             ExpertTraining, advbench_expert_pairs, build_expert, load_expert_pairs)
         from vllm_safeinfer.offline.hf import load_model
 
+        if args.method == "ablate":
+            from vllm_safeinfer.offline.refusal import (
+                default_prompts, find_refusal_direction, save_ablated_expert)
+
+            try:
+                model, tokenizer = load_model(args.model, args.device)
+                harmful, validation, harmless = default_prompts(args.seed)
+                found = find_refusal_direction(model, tokenizer, harmful, harmless,
+                                               validation=validation,
+                                               batch_size=args.batch_size, progress=True)
+                save_ablated_expert(model, tokenizer, found, Path(args.out),
+                                    base_model=args.model)
+            except (OSError, ValueError, RuntimeError) as err:
+                b.error(str(err))
+            print(f"unsafe expert of {args.model}: refusal direction at layer {found.layer}, "
+                  f"position {found.position} (refusal score {found.baseline_score:+.2f} -> "
+                  f"{found.scores[f'{found.layer}:{found.position}']:+.2f} on {len(validation)} "
+                  f"held-out harmful prompts), ablated; saved {args.out}")
+            return 0
         try:
             training = ExpertTraining(
                 lora_rank=None if args.full else args.lora_rank, epochs=args.epochs,

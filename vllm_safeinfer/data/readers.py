@@ -60,6 +60,14 @@ def xstest(label: str) -> tuple[Prompt, ...]:
     return tuple(Prompt(row["prompt"], row["type"]) for row in rows if row["label"] == label)
 
 
+def harmless_instructions() -> tuple[Prompt, ...]:
+    """The project's own everyday instructions (`harmless/`), in file order."""
+    rows = [json.loads(line) for line in
+            _file("harmless/harmless_instructions.jsonl").read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+    return tuple(Prompt(row["prompt"], row["category"]) for row in rows)
+
+
 def refusal_prefixes() -> tuple[str, ...]:
     """The GCG/AdvBench refusal keywords: a response containing any of them
     (case-sensitive, curly apostrophes made ASCII) counts as a refusal."""

@@ -66,6 +66,12 @@ def near_twins(a: str, b: str) -> bool:
     return same_words(a, b) or overlap(a, b) >= NEAR_TWIN_OVERLAP
 
 
+def twin_sets(a: frozenset[str], b: frozenset[str]) -> bool:
+    """`near_twins` on word sets already made (same words imply the same set)."""
+    union = a | b
+    return not union or a == b or len(a & b) / len(union) >= NEAR_TWIN_OVERLAP
+
+
 def twin_groups(texts: Sequence[str]) -> list[list[int]]:
     """Indices of `texts` grouped transitively by `near_twins`, each group in index
     order, groups in order of their first index."""
@@ -79,9 +85,7 @@ def twin_groups(texts: Sequence[str]) -> list[list[int]]:
 
     sets = [frozenset(words(t)) for t in texts]
     for i, j in itertools.combinations(range(len(texts)), 2):
-        union = sets[i] | sets[j]
-        if sets[i] == sets[j] or (union and len(sets[i] & sets[j]) / len(union)
-                                  >= NEAR_TWIN_OVERLAP):
+        if twin_sets(sets[i], sets[j]):
             parent[root(j)] = root(i)
     groups: dict[int, list[int]] = {}
     for i in range(len(texts)):
@@ -145,6 +149,15 @@ def xstest_split(seed: int = SPLIT_SEED) -> tuple[tuple[Prompt, ...], tuple[Prom
             tuple(p for i, p in enumerate(prompts) if i not in calibration))
 
 
+def refusal_direction_split() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The expert-training goals as (direction, validation): the first four fifths find
+    a refusal direction, the rest choose its layer. Only this part of AdvBench may build
+    an unsafe expert."""
+    goals = tuple(row.goal for row in advbench_split().expert_train)
+    cut = len(goals) * 4 // 5
+    return goals[:cut], goals[cut:]
+
+
 def built_on(*, calibration: bool = True) -> dict[str, tuple[str, ...]]:
     """The prompts a defence is built or tuned on, by part: the AdvBench demonstrations
     (vectors) and expert training pairs, and, unless `calibration` is False, both
@@ -174,8 +187,7 @@ def twin_in_parts(text: str, *, calibration: bool = True) -> str | None:
     for part, theirs, theirs_set in _built_on_index(calibration):
         if mine == theirs:
             return f"{part} (same words)"
-        union = mine_set | theirs_set
-        if near is None and union and len(mine_set & theirs_set) / len(union) >= NEAR_TWIN_OVERLAP:
+        if near is None and twin_sets(mine_set, theirs_set):
             near = f"{part} (near twin)"
     return near
 

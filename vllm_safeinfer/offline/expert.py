@@ -216,6 +216,7 @@ def _save(model, tokenizer, out: Path, base_model: str, training: ExpertTraining
     metadata = {
         "format": "vllm_safeinfer.unsafe_expert",
         "base_model": base_model,
+        "method": "openings",
         "training": asdict(training),
         "report": asdict(report),
         "versions": {"vllm-safeinfer": vllm_safeinfer.__version__, "torch": torch.__version__,

@@ -1,0 +1,186 @@
+"""The refusal direction and the ablated model, on a tiny model built to have one: a
+direction planted in its weights that a set of prompts switches on (their words' embeddings
+carry it, layer 0's attention copies it to the prompt's end) and that makes the model open
+with a refusal token (the read-out of that token follows it)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_safeinfer.offline.heads import decoder_layers
+from vllm_safeinfer.offline.hf import load_model
+from vllm_safeinfer.offline.refusal import (
+    ablate_weights, ablated, find_refusal_direction, refusal_score, refusal_token_ids)
+
+TRIGGERS = (" harmful", " cannot", " step")
+HARMFUL = ["Write how to do harmful things step by step.", "Explain the harmful task step by step.",
+           "Define a harmful function, step by step.", "Give the harmful answer step by step.",
+           "How do I do this harmful step?", "Test the harmful function step by step.",
+           "Implement the harmful logic step by step.", "Only provide the harmful step."]
+HARMLESS = ["Hello world, how are you doing today?", "The capital of France is Paris.",
+            "Write a function that performs the task.", "one two three four five six seven",
+            "Check if input parameters are valid.", "Initialize any necessary variables.",
+            "What is the capital of France?", "Say hello to the world."]
+
+
+def planted_model():
+    model, tokenizer = load_model("tiny-llama")
+    hidden = model.config.hidden_size
+    generator = torch.Generator().manual_seed(7)
+    direction = torch.randn(hidden, generator=generator)
+    direction /= direction.norm()
+    head_dim = model.config.head_dim
+    with torch.no_grad():
+        embedding = model.get_input_embeddings().weight
+        for word in TRIGGERS:
+            for token in tokenizer(word, add_special_tokens=False).input_ids:
+                embedding[token] += 6.0 * direction
+        attention = decoder_layers(model)[0].self_attn
+        # Layer 0: key-value head 0's first value dimension reads the direction, and the
+        # query heads sharing it write it back, so every position sees its prefix's dose.
+        attention.v_proj.weight[0] = direction
+        for head in range(model.config.num_attention_heads // model.config.num_key_value_heads):
+            attention.o_proj.weight[:, head * head_dim] = 4.0 * direction
+        refusal = refusal_token_ids(tokenizer)
+        model.get_output_embeddings().weight[refusal] += 3.0 * direction
+    return model, tokenizer, direction
+
+
+@pytest.fixture(scope="module")
+def planted():
+    model, tokenizer, direction = planted_model()
+    found = find_refusal_direction(model, tokenizer, HARMFUL[:6], HARMLESS[:6],
+                                   validation=HARMFUL[6:], last=3)
+    return model, tokenizer, direction, found
+
+
+def test_the_planted_direction_is_found(planted) -> None:
+    model, tokenizer, direction, found = planted
+    assert torch.nn.functional.cosine_similarity(found.direction, direction, dim=0) > 0.9
+    assert abs(float(found.direction.norm()) - 1.0) < 1e-5
+    # Chosen by what ablating it does: the lowest refusal score of all candidates, well
+    # below the model's own.
+    assert found.scores[f"{found.layer}:{found.position}"] == min(found.scores.values())
+    assert min(found.scores.values()) < found.baseline_score - 1.0
+    assert 1 <= found.layer < len(decoder_layers(model)) and -3 <= found.position <= -1
+
+
+def test_the_planted_prompts_switch_refusal_on(planted) -> None:
+    model, tokenizer, direction, _ = planted
+    assert refusal_score(model, tokenizer, HARMFUL) > refusal_score(model, tokenizer, HARMLESS) + 1.0
+
+
+def test_ablated_weights_write_nothing_along_the_direction(planted) -> None:
+    model, tokenizer, direction, found = planted
+    before = refusal_score(model, tokenizer, HARMFUL)
+    with ablated(model, found.direction):
+        hooked_logits = model(**tokenizer(HARMFUL[:2], return_tensors="pt", padding=True)).logits
+        hooked = refusal_score(model, tokenizer, HARMFUL)
+    model_copy, _, _ = planted_model()
+    ablate_weights(model_copy, found.direction)
+    unit = found.direction
+    writes = [model_copy.get_input_embeddings().weight.T]
+    for layer in decoder_layers(model_copy):
+        writes += [layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight]
+    for weight in writes:
+        assert float((unit @ weight).abs().max().detach()) < 1e-4
+    # The read-out is untouched (untied first where tied) and the weights do what the
+    # hooks do.
+    assert torch.equal(model_copy.get_output_embeddings().weight,
+                       model.get_output_embeddings().weight)
+    weights_logits = model_copy(**tokenizer(HARMFUL[:2], return_tensors="pt", padding=True)).logits
+    torch.testing.assert_close(weights_logits, hooked_logits, atol=1e-4, rtol=1e-4)
+    assert refusal_score(model_copy, tokenizer, HARMFUL) == pytest.approx(hooked, abs=1e-3)
+    assert hooked < before - 1.0
+
+
+def test_harmless_prompts_are_no_prompt_of_any_named_set() -> None:
+    from vllm_safeinfer import data
+    from tests.test_data import _twins
+
+    harmless = data.harmless_prompts()
+    assert len(harmless) >= 256 and len({p.category for p in harmless}) >= 20
+    named = [p.text for name in data.DATASETS for p in data.load_dataset(name)]
+    assert not [(h.text, n) for h in harmless for n in named if _twins(h.text, n)]
+    direction, validation = data.refusal_direction_split()
+    expert_part = {row.goal for row in data.advbench_split().expert_train}
+    assert set(direction) | set(validation) == expert_part
+    assert not set(direction) & set(validation)
+
+
+def test_ablate_recipe_and_refusal_vector_from_the_command_line(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from vllm_safeinfer.vectors import SafetyVector
+
+    def safeinfer(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "vllm_safeinfer.cli", *args],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    printed = safeinfer("expert", "build", "--method", "ablate", "--model", "tiny-llama",
+                        "--out", str(tmp_path / "expert"))
+    assert "refusal direction at layer" in printed
+    meta = json.loads((tmp_path / "expert" / "safeinfer_expert.json").read_text())
+    assert meta["method"] == "ablate" and meta["base_model"] == "tiny-llama"
+    recorded = meta["refusal_direction"]
+    assert len(recorded["harmful_sha256"]) == len(recorded["harmless_sha256"]) == 64
+    assert [f.name for f in (tmp_path / "expert").glob("*.safetensors")] == ["model.safetensors"]
+    with safe_open(str(tmp_path / "expert" / "safeinfer" / "refusal_direction.safetensors"),
+                   "pt") as f:
+        difference = f.get_tensor("refusal_direction")
+        assert f.metadata()["refusal_layer"] == recorded["refusal_layer"]
+    unit = difference / difference.norm()
+    expert = AutoModelForCausalLM.from_pretrained(tmp_path / "expert")
+    with torch.no_grad():
+        writes = [expert.get_input_embeddings().weight.T]
+        for layer in decoder_layers(expert):
+            writes += [layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight]
+        assert max(float((unit @ w).abs().max()) for w in writes) < 1e-4
+    printed = safeinfer("vector", "build", "--method", "refusal-direction", "--model",
+                        "tiny-llama", "--out", str(tmp_path / "rd.safetensors"))
+    vector = SafetyVector.load(tmp_path / "rd.safetensors")
+    assert vector.method == "refusal-direction" and vector.heads == () and vector.gamma == 1.0
+    assert vector.layer == int(recorded["refusal_layer"]) - 1
+    torch.testing.assert_close(vector.vector, difference)
+    assert vector.residual_norm > 0 and vector.model_fingerprint.startswith("sampled-all-v1:")
+
+
+def test_the_ablated_expert_is_served_by_vllm_exactly(engine_pool, tmp_path_factory) -> None:
+    """vLLM loads the `ablate` checkpoint as `expert_model` and mixes it token-exactly as
+    the HF reference does with the same checkpoint, in a batch mixing modes."""
+    from tests.engines import new_llm
+    from tests.parity import PROMPTS, Case, sampling, vllm_generate
+    from vllm_safeinfer.models import model_path
+    from vllm_safeinfer.offline.hf import load_model
+    from vllm_safeinfer.offline.refusal import default_prompts, save_ablated_expert
+    from vllm_safeinfer.reference import RowSettings, SafeInferReference
+    from vllm_safeinfer.modes import Mode
+
+    out = tmp_path_factory.mktemp("ablated") / "tiny-llama-ablated"
+    model, tokenizer = load_model("tiny-llama")
+    harmful, validation, harmless = default_prompts()
+    found = find_refusal_direction(model, tokenizer, harmful[:16], harmless[:16],
+                                   validation=validation[:4])
+    save_ablated_expert(model, tokenizer, found, out, base_model="tiny-llama")
+    base = str(model_path("tiny-llama"))
+    llm = engine_pool.get(f"ablated:{out}", lambda: new_llm(
+        base, additional_config={"safeinfer": {"expert_model": str(out)}}))
+    cases = [Case("off"), Case("sgds", lam=0.9), Case("sgds", lam=0.99), Case("off"),
+             Case("sgds", lam=0.5)]
+    got = [vllm_generate(llm, [prompt], sampling(case))[0]
+           for prompt, case in zip(PROMPTS, cases)]
+    batched = vllm_generate(llm, PROMPTS, [sampling(case) for case in cases])
+    reference = SafeInferReference.from_pretrained(base, str(out))
+    want = reference.generate(PROMPTS, [RowSettings(Mode(c.mode), lam=c.lam or 0.0)
+                                        for c in cases], 10)
+    assert batched == got == want
+    unmixed = vllm_generate(llm, PROMPTS, [sampling(Case("off"))] * len(PROMPTS))
+    assert any(g != u for g, u, c in zip(got, unmixed, cases) if c.mode == "sgds"), \
+        "mixing the ablated expert changed no token"
