@@ -57,7 +57,6 @@ def planted():
 def test_the_planted_direction_is_found(planted) -> None:
     model, tokenizer, direction, found = planted
     assert torch.nn.functional.cosine_similarity(found.direction, direction, dim=0) > 0.9
-    assert abs(float(found.direction.norm()) - 1.0) < 1e-5
     # Chosen by what ablating it does: the lowest refusal score of all candidates, well
     # below the model's own.
     assert found.scores[f"{found.layer}:{found.position}"] == min(found.scores.values())

@@ -162,15 +162,12 @@ def _add_vector(sub: argparse._SubParsersAction) -> None:
 
 def _build_refusal_vector(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from vllm_safeinfer.offline.hf import load_model
-    from vllm_safeinfer.offline.refusal import (
-        default_prompts, find_refusal_direction, refusal_vector)
+    from vllm_safeinfer.offline.refusal import default_refusal_direction, refusal_vector
 
     try:
         model, tokenizer = load_model(args.model, args.device)
-        harmful, validation, harmless = default_prompts(args.seed)
-        found = find_refusal_direction(model, tokenizer, harmful, harmless,
-                                       validation=validation, batch_size=args.batch_size,
-                                       progress=True)
+        found = default_refusal_direction(model, tokenizer, seed=args.seed,
+                                          batch_size=args.batch_size, progress=True)
         vector = refusal_vector(model, found, model_name=args.model,
                                 gamma=1.0 if args.gamma is None else args.gamma)
     except (OSError, ValueError) as err:
@@ -222,22 +219,20 @@ def _add_expert(sub: argparse._SubParsersAction) -> None:
 
         if args.method == "ablate":
             from vllm_safeinfer.offline.refusal import (
-                default_prompts, find_refusal_direction, save_ablated_expert)
+                default_refusal_direction, save_ablated_expert)
 
             try:
                 model, tokenizer = load_model(args.model, args.device)
-                harmful, validation, harmless = default_prompts(args.seed)
-                found = find_refusal_direction(model, tokenizer, harmful, harmless,
-                                               validation=validation,
-                                               batch_size=args.batch_size, progress=True)
+                found = default_refusal_direction(model, tokenizer, seed=args.seed,
+                                                  batch_size=args.batch_size, progress=True)
                 save_ablated_expert(model, tokenizer, found, Path(args.out),
                                     base_model=args.model)
             except (OSError, ValueError, RuntimeError) as err:
                 b.error(str(err))
             print(f"unsafe expert of {args.model}: refusal direction at layer {found.layer}, "
                   f"position {found.position} (refusal score {found.baseline_score:+.2f} -> "
-                  f"{found.scores[f'{found.layer}:{found.position}']:+.2f} on {len(validation)} "
-                  f"held-out harmful prompts), ablated; saved {args.out}")
+                  f"{found.scores[f'{found.layer}:{found.position}']:+.2f} on held-out "
+                  f"harmful prompts), ablated; saved {args.out}")
             return 0
         try:
             training = ExpertTraining(
@@ -422,7 +417,6 @@ def _add_harmeval(sub: argparse._SubParsersAction) -> None:
     add_safeinfer_arguments(p)
 
     def run(args: argparse.Namespace) -> int:
-        from dataclasses import replace
         from pathlib import Path
 
         from vllm_safeinfer.config import SafeInferConfig
@@ -431,7 +425,7 @@ def _add_harmeval(sub: argparse._SubParsersAction) -> None:
         from vllm_safeinfer.harmeval.backends import GenerationError
         from vllm_safeinfer.harmeval.judges import JudgeError
         from vllm_safeinfer.harmeval.launch import (
-            artefact_hashes, backend_factory, engine_kwargs, environment, sized_engine_args)
+            artefact_hashes, backend_factory, engine_kwargs, environment, sized_settings)
         from vllm_safeinfer.harmeval.points import (
             check_servable, parse_sweep, plan_points, servable_modes)
         from vllm_safeinfer.harmeval.run import (
@@ -460,12 +454,12 @@ def _add_harmeval(sub: argparse._SubParsersAction) -> None:
                 seed=args.seed, safeinfer=raw,
                 allow_calibration_prompts=args.allow_calibration_prompts,
                 endpoint=args.endpoint, artefacts=artefact_hashes(raw))
-            prompts = [item.prompt for item in sample_items(settings)[0]]
             llm_kwargs = None
-            if args.model is not None:
+            if args.model is None:
+                sample_items(settings)  # the datasets refused before any request
+            else:
                 model = resolve_model(args.model)
-                settings = replace(settings, engine_args=sized_engine_args(
-                    model, prompts, args.max_tokens, _json_object(args.engine_args)))
+                settings = sized_settings(settings, model, _json_object(args.engine_args))
                 llm_kwargs = engine_kwargs(model, raw, seed=args.seed,
                                            extra=settings.engine_args)
             make_backend = backend_factory(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -56,9 +55,8 @@ def run_demo(*, model: str, vector: str, expert: str, defaults: Mapping[str, Any
     """Run the demo's evaluation and print its table; returns the HarmEval summary."""
     from vllm_safeinfer.harmeval.judges import KeywordJudge, XSTestJudge
     from vllm_safeinfer.harmeval.launch import (
-        artefact_hashes, backend_factory, engine_kwargs, environment, sized_engine_args)
-    from vllm_safeinfer.harmeval.run import (
-        HarmEvalSettings, read_records, run_harmeval, sample_items)
+        artefact_hashes, backend_factory, engine_kwargs, environment, sized_settings)
+    from vllm_safeinfer.harmeval.run import HarmEvalSettings, read_records, run_harmeval
 
     safeinfer = {"vector": vector, "expert_model": expert}
     settings = HarmEvalSettings(
@@ -66,9 +64,7 @@ def run_demo(*, model: str, vector: str, expert: str, defaults: Mapping[str, Any
         judges=("keyword", "xstest"), limit=limit, max_tokens=max_tokens, safeinfer=safeinfer,
         artefacts=artefact_hashes(safeinfer))
     if make_backend is None:
-        prompts = [item.prompt for item in sample_items(settings)[0]]
-        settings = replace(settings, engine_args=sized_engine_args(
-            model, prompts, max_tokens, engine_args))
+        settings = sized_settings(settings, model, engine_args)
         make_backend = backend_factory(llm_kwargs=engine_kwargs(
             model, safeinfer, seed=0, extra=settings.engine_args))
     summary = run_harmeval(settings, make_backend, [KeywordJudge(), XSTestJudge()], out,

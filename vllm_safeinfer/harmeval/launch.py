@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from vllm_safeinfer.config import CONFIG_KEY, SafeInferConfig
 from vllm_safeinfer.harmeval.backends import Backend, EndpointBackend, EngineBackend, RayBackend
+from vllm_safeinfer.harmeval.run import HarmEvalSettings, sample_items
 
 MODEL_LEN_ROUNDING = 64
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")
@@ -46,6 +48,15 @@ def sized_engine_args(model: str, prompts: Sequence[str], max_tokens: int,
     context = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None)
     args["max_model_len"] = needed if context is None else min(needed, context)
     return args
+
+
+def sized_settings(settings: HarmEvalSettings, model: str,
+                   extra: Mapping[str, Any] | None) -> HarmEvalSettings:
+    """`settings` with `engine_args` = `extra` sized to the run's own prompts
+    (`sized_engine_args`)."""
+    prompts = [item.prompt for item in sample_items(settings)[0]]
+    return replace(settings, engine_args=sized_engine_args(model, prompts,
+                                                           settings.max_tokens, extra))
 
 
 def artefact_hashes(safeinfer: Mapping[str, Any] | None) -> dict[str, str]:

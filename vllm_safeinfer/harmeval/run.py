@@ -16,8 +16,7 @@ from tqdm import tqdm
 from vllm_safeinfer.data import SAFE_SETS, evaluation_set, prompts_sha256, stratified_sample
 from vllm_safeinfer.harmeval.backends import Backend, Generation, GenerationRequest, request_seed
 from vllm_safeinfer.harmeval.degeneration import degeneration
-from vllm_safeinfer.harmeval.judges import ERROR as ERROR_LABEL
-from vllm_safeinfer.harmeval.judges import Judge, OpenAIJudge
+from vllm_safeinfer.harmeval.judges import ERROR, Judge, OpenAIJudge
 from vllm_safeinfer.harmeval.points import Point
 from vllm_safeinfer.harmeval.prompts import style_prompt
 from vllm_safeinfer.harmeval.report import write_report
@@ -178,7 +177,7 @@ def _judge_with_llms(judges: Sequence[Judge], store: ResponseStore, out: Path,
         todo: list[Record] = [
             r for r in store.records.values()
             if judge.name not in r["verdicts"]
-            or (judge.retry_errors and r["verdicts"][judge.name]["label"] == ERROR_LABEL)]
+            or (judge.retry_errors and r["verdicts"][judge.name]["label"] == ERROR)]
         verdicts = judge.judge_many([(r["question"], r["response"]) for r in todo],
                                     progress=progress)
         for record, verdict in zip(todo, verdicts):

@@ -226,6 +226,16 @@ def default_prompts(seed: int = 0) -> tuple[tuple[str, ...], tuple[str, ...], tu
     return harmful, validation, tuple(harmless[:len(harmful)])
 
 
+def default_refusal_direction(model: nn.Module, tokenizer, *, seed: int = 0,
+                              batch_size: int = 8, progress: bool = False
+                              ) -> RefusalDirection:
+    """`find_refusal_direction` on `default_prompts(seed)`: what both command-line recipes
+    (the ablated expert, the refusal-direction vector) are built from."""
+    harmful, validation, harmless = default_prompts(seed)
+    return find_refusal_direction(model, tokenizer, harmful, harmless, validation=validation,
+                                  batch_size=batch_size, progress=progress)
+
+
 def save_ablated_expert(model: nn.Module, tokenizer, found: RefusalDirection, out: Path, *,
                         base_model: str) -> None:
     """Project `found` out of `model`'s weights and save it as an expert checkpoint, with
