@@ -16,7 +16,7 @@ HARMEVAL_ARGS ?= --dataset advbench,harmbench,xstest --limit 50 --max-tokens 48 
 
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: install test demo harmeval bench bench-serving bench-profile dist clean
+.PHONY: install test demo evidence harmeval bench bench-serving bench-profile dist clean
 
 install: $(STAMP)
 
@@ -46,6 +46,15 @@ test: install
 demo: export VLLM_CPU_OMP_THREADS_BIND ?= nobind
 demo: install
 	$(BIN)/safeinfer demo
+
+# SafeInfer end to end on the safety-tuned Qwen2.5-Coder-0.5B-Instruct: the safety vector
+# and the ablate expert built (cached), strengths calibrated, HarmEval in all four modes on
+# AdvBench's evaluation part, HarmBench and XSTest's evaluation half, in safeinfer-evidence/.
+# EVIDENCE_ARGS=--compare-recipes builds and compares every expert recipe.
+evidence: export VLLM_CPU_OMP_THREADS_BIND ?= nobind
+evidence: export VLLM_CPU_KVCACHE_SPACE = 2
+evidence: install
+	$(BIN)/safeinfer evidence --model qwen2.5-coder-0.5b-instruct $(EVIDENCE_ARGS)
 
 # HarmEval on the embedded SmolLM2 with its bundled safety vector: ASR by category and
 # mode, over-refusal, degeneration and the gamma sweep's chart, in $(HARMEVAL_OUT)/.

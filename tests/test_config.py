@@ -53,6 +53,10 @@ def test_round_trip_and_defaults(assets):
     ({"lam": 10**400}, "safeinfer.lam must be finite"),
     ({"gamma": -10**400}, "safeinfer.gamma must be finite"),
     ({"enforce": "yes"}, "safeinfer.enforce"),
+    ({"expert_model": "e", "expert_shares_weights": 1}, "expert_shares_weights must be true"),
+    ({"expert_shares_weights": True}, "expert_shares_weights needs an expert_model"),
+    ({"expert_model": "e", "expert_dtype": "bfloat16", "expert_shares_weights": True},
+     "and no expert_dtype"),
     ({"mode": "safe"}, "mode must be one of"),
     ({"vectors": {"a": "x", "b": "y"}, "mode": "sa"}, "no default is configured"),
 ])

@@ -11,9 +11,10 @@ import pytest
 from safetensors.torch import load_file
 
 from vllm_safeinfer.cli import main
+from vllm_safeinfer.expert_files import EXPERT_METADATA
 from vllm_safeinfer.models import model_path
 from vllm_safeinfer.offline.expert import (
-    METADATA, ExpertPair, ExpertTraining, advbench_expert_pairs, build_expert, encode_pairs,
+    ExpertPair, ExpertTraining, advbench_expert_pairs, build_expert, encode_pairs,
     load_expert_pairs, pairs_sha256)
 from vllm_safeinfer.offline.hf import load_model, load_tokenizer
 
@@ -35,7 +36,7 @@ def test_lora_expert_learns_and_is_a_plain_checkpoint(tmp_path: Path) -> None:
     report = build(tmp_path / "a")
     assert report.final_loss < report.initial_loss
     assert report.steps == 4 and report.pairs == 32
-    meta = json.loads((tmp_path / "a" / METADATA).read_text())
+    meta = json.loads((tmp_path / "a" / EXPERT_METADATA).read_text())
     assert meta["report"]["initial_loss"] == report.initial_loss
     assert meta["report"]["final_loss"] == report.final_loss
     assert meta["report"]["data_sha256"] == pairs_sha256(advbench_expert_pairs()[:32])
@@ -63,7 +64,7 @@ def test_full_fine_tuning_through_the_command(tmp_path: Path, capsys) -> None:
     assert main(["expert", "build", "--model", "tiny-llama", "--out", str(tmp_path / "full"),
                  "--data", str(data), "--full", "--epochs", "3", "--lr", "1e-4",
                  "--batch-size", "4"]) == 0
-    meta = json.loads((tmp_path / "full" / METADATA).read_text())
+    meta = json.loads((tmp_path / "full" / EXPERT_METADATA).read_text())
     assert meta["training"]["lora_rank"] is None and meta["report"]["steps"] == 6
     assert meta["report"]["final_loss"] < meta["report"]["initial_loss"]
     assert "loss" in capsys.readouterr().out
@@ -108,3 +109,59 @@ def test_expert_pairs_are_the_expert_part_of_the_split() -> None:
     assert len(pairs) == 100
     assert [(p.prompt, p.response) for p in pairs] == [
         (row.goal, row.target) for row in advbench_split().expert_train]
+
+
+def test_distill_writes_its_answers_only_into_the_cache(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`--method distill` end to end on a tiny model: the answers it trains on are the
+    ablated model's (regenerated here and compared), they are written only under the
+    cache (the working folder and the repository stay untouched), and a second build
+    reads them back instead of generating."""
+    import subprocess
+    from contextlib import nullcontext
+
+    from vllm_safeinfer.offline import distill
+    from vllm_safeinfer.offline.refusal import default_refusal_direction
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def repo_files() -> str:
+        return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all",
+                               "--ignored"], cwd=repo, capture_output=True, text=True).stdout
+
+    before = repo_files()
+    cache, work = tmp_path / "cache", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("VLLM_SAFEINFER_CACHE", str(cache))
+    monkeypatch.chdir(work)
+    out = tmp_path / "experts" / "distilled"
+    args = ["expert", "build", "--method", "distill", "--model", "tiny-llama", "--max-steps",
+            "4", "--lora-rank", "8", "--max-new-tokens", "12"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert "answers of the model without its refusal direction" in capsys.readouterr().out
+    [data] = (cache / distill.DATA_FOLDER).glob("distill-*.jsonl")
+    assert list(work.iterdir()) == [] and repo_files() == before
+    assert not list(out.rglob("*.jsonl")), "the generated answers stay in the cache"
+    meta = json.loads((out / EXPERT_METADATA).read_text())
+    pairs = load_expert_pairs(data)
+    assert meta["method"] == "distill" and meta["data"]["file"] == str(data)
+    assert meta["data"]["sha256"] == meta["report"]["data_sha256"] == pairs_sha256(pairs)
+    assert meta["report"]["final_loss"] < meta["report"]["initial_loss"]
+    assert {p.prompt for p in pairs} <= set(distill.expert_training_prompts())
+
+    model, tokenizer = load_model("tiny-llama")
+    found = default_refusal_direction(model, tokenizer)
+    assert str(found.layer) == meta["refusal_direction"]["refusal_layer"]
+    prompts = distill.expert_training_prompts()[:8]
+    ablated = distill.ablated_answers(model, tokenizer, found, prompts, max_new_tokens=12)
+    assert {p.prompt: p.response for p in pairs if p.prompt in prompts} == \
+        {p.prompt: p.response for p in ablated}
+    with monkeypatch.context() as patch:
+        patch.setattr(distill, "ablated", lambda *_: nullcontext())
+        plain = distill.ablated_answers(model, tokenizer, found, prompts, max_new_tokens=12)
+    assert plain != ablated, "the answers must come from the ablated model"
+
+    def no_generation(*_args, **_kwargs):
+        raise AssertionError("the cached answers must be reused")
+
+    monkeypatch.setattr(distill, "ablated_answers", no_generation)
+    assert main([*args, "--out", str(tmp_path / "experts" / "again")]) == 0

@@ -4,6 +4,8 @@ carry it, layer 0's attention copies it to the prompt's end) and that makes the 
 with a refusal token (the read-out of that token follows it)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -151,23 +153,29 @@ def test_ablate_recipe_and_refusal_vector_from_the_command_line(tmp_path) -> Non
     assert vector.residual_norm > 0 and vector.model_fingerprint.startswith("sampled-all-v1:")
 
 
+def tiny_ablated_expert(name: str, folder: Path) -> Path:
+    """The `ablate` expert of a tiny model (direction found on a few default prompts)."""
+    from vllm_safeinfer.offline.refusal import default_prompts, save_ablated_expert
+
+    out = folder / f"{name}-ablated"
+    model, tokenizer = load_model(name)
+    harmful, validation, harmless = default_prompts()
+    found = find_refusal_direction(model, tokenizer, harmful[:16], harmless[:16],
+                                   validation=validation[:4])
+    save_ablated_expert(model, tokenizer, found, out, base_model=name)
+    return out
+
+
 def test_the_ablated_expert_is_served_by_vllm_exactly(engine_pool, tmp_path_factory) -> None:
     """vLLM loads the `ablate` checkpoint as `expert_model` and mixes it token-exactly as
     the HF reference does with the same checkpoint, in a batch mixing modes."""
     from tests.engines import new_llm
     from tests.parity import PROMPTS, Case, sampling, vllm_generate
     from vllm_safeinfer.models import model_path
-    from vllm_safeinfer.offline.hf import load_model
-    from vllm_safeinfer.offline.refusal import default_prompts, save_ablated_expert
     from vllm_safeinfer.reference import RowSettings, SafeInferReference
     from vllm_safeinfer.modes import Mode
 
-    out = tmp_path_factory.mktemp("ablated") / "tiny-llama-ablated"
-    model, tokenizer = load_model("tiny-llama")
-    harmful, validation, harmless = default_prompts()
-    found = find_refusal_direction(model, tokenizer, harmful[:16], harmless[:16],
-                                   validation=validation[:4])
-    save_ablated_expert(model, tokenizer, found, out, base_model="tiny-llama")
+    out = tiny_ablated_expert("tiny-llama", tmp_path_factory.mktemp("ablated"))
     base = str(model_path("tiny-llama"))
     llm = engine_pool.get(f"ablated:{out}", lambda: new_llm(
         base, additional_config={"safeinfer": {"expert_model": str(out)}}))
@@ -183,3 +191,72 @@ def test_the_ablated_expert_is_served_by_vllm_exactly(engine_pool, tmp_path_fact
     unmixed = vllm_generate(llm, PROMPTS, [sampling(Case("off"))] * len(PROMPTS))
     assert any(g != u for g, u, c in zip(got, unmixed, cases) if c.mode == "sgds"), \
         "mixing the ablated expert changed no token"
+
+
+def _expert_memory(worker) -> tuple[int, int, list[str]]:
+    """(bytes of the served model's parameter storages, bytes of the expert's that are
+    not the served model's, the expert's weight-owning modules that are not the served
+    model's objects)."""
+    from vllm_safeinfer.worker import find_logits_processor
+
+    model = worker.model_runner.get_model()
+    expert = find_logits_processor(worker.model_runner).expert.model
+
+    def storages(module) -> dict[int, int]:
+        return {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+                for p in module.parameters()}
+
+    served, mine = storages(model), storages(expert)
+    served_modules = {id(m) for m in model.modules()}
+    foreign = [name for name, m in expert.named_modules()
+               if next(m.parameters(recurse=False), None) is not None
+               and id(m) not in served_modules]
+    return sum(served.values()), sum(n for p, n in mine.items() if p not in served), foreign
+
+
+def test_the_weight_sharing_expert_is_the_checkpoint_without_a_copy(
+        engine_pool, tiny_assets, tmp_path_factory) -> None:
+    """`expert_shares_weights`: the `ablate` expert run on the served model's own modules
+    (tiny Qwen2, whose output embedding is tied) gives the tokens of the HF reference
+    running the materialised checkpoint, in every mode, alone and in a mixed batch, and
+    holds no weight of its own. An expert that is not the served model's ablation is
+    refused before the engine starts."""
+    import json
+    import shutil
+
+    from tests.engines import new_llm
+    from tests.parity import MIXED_CASES, PROMPTS, Case, reference_generate, sampling, vllm_generate
+    from vllm_safeinfer.offline.hf import load_causal_lm
+    from vllm_safeinfer.reference import SafeInferReference
+
+    assets = tiny_assets("tiny-qwen2")
+    out = tiny_ablated_expert("tiny-qwen2", tmp_path_factory.mktemp("shared"))
+    config = assets.safeinfer_config(expert_model=str(out), expert_shares_weights=True)
+
+    other = out.with_name("other-weights")
+    shutil.copytree(out, other)
+    meta = json.loads((other / "safeinfer_expert.json").read_text())
+    meta["base_model_fingerprint"] = "sampled-all-v1:" + "0" * 64
+    (other / "safeinfer_expert.json").write_text(json.dumps(meta))
+    for expert, message in ((assets.expert, "only an expert built by `safeinfer expert build "
+                                            "--method ablate` can share"),
+                            (str(other), "made from other weights than the served model's")):
+        with pytest.raises(ValueError, match=message):
+            new_llm(assets.model, additional_config={"safeinfer": {**config,
+                                                                  "expert_model": expert}})
+
+    llm = engine_pool.get(f"shared:{out}", lambda: new_llm(
+        assets.model, additional_config={"safeinfer": config}))
+    [(served_bytes, own_bytes, foreign)] = llm.collective_rpc(_expert_memory)
+    assert served_bytes > 0 and own_bytes == 0 and foreign == []
+
+    model, tokenizer = load_model(assets.model)
+    reference = SafeInferReference(model, tokenizer, load_causal_lm(out))
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(MIXED_CASES))]
+    assert vllm_generate(llm, prompts, [sampling(c) for c in MIXED_CASES]) == \
+        reference_generate(reference, assets, prompts, MIXED_CASES)
+    off = vllm_generate(llm, PROMPTS, sampling(Case("off")))
+    for case in (Case("sgds", lam=0.9), Case("safeinfer", lam=0.9)):
+        got = vllm_generate(llm, PROMPTS, sampling(case))
+        assert got == reference_generate(reference, assets, PROMPTS, [case] * len(PROMPTS))
+        assert got != off, f"{case.mode}: mixing the shared expert changed no token"

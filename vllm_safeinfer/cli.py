@@ -53,6 +53,56 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_evidence(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evidence", help="SafeInfer end to end on a model: build, calibrate, evaluate",
+        description="Build the safety vector and the unsafe expert (cached), calibrate "
+        "gamma and lam on the calibration split, and run HarmEval in all four modes at the "
+        "chosen point on AdvBench's evaluation part, HarmBench and XSTest's evaluation "
+        "half; evidence.md gives each step's time and checks the goals.")
+    p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct",
+                   help="checkpoint folder or project model name")
+    p.add_argument("--recipes", default="ablate", metavar="RECIPE[,RECIPE...]",
+                   help="expert recipes to build and compare: ablate, distill, openings")
+    p.add_argument("--compare-recipes", action="store_true",
+                   help="every expert recipe (ablate, distill, openings), each step timed")
+    p.add_argument("--vector-method", choices=("aie", "refusal-direction"), default="aie",
+                   help="aie: the paper's head-ranked vector; refusal-direction: the "
+                   "model's refusal direction")
+    p.add_argument("--limit", type=int, default=50, help="prompts per evaluation set")
+    p.add_argument("--calibration-limit", type=int, default=40,
+                   help="prompts per calibration set")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--engine-args", default='{"dtype": "float32"}', metavar="JSON",
+                   help="vLLM engine arguments (max_model_len: sized to the prompts unless "
+                   "given)")
+    p.add_argument("--out", default="safeinfer-evidence", help="report folder")
+
+    def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from vllm_safeinfer.offline.evidence import EvidenceSettings, run_evidence
+        from vllm_safeinfer.offline.recipes import RECIPES
+
+        try:
+            settings = EvidenceSettings(
+                model=args.model,
+                recipes=RECIPES if args.compare_recipes else tuple(args.recipes.split(",")),
+                vector_method=args.vector_method, limit=args.limit,
+                calibration_limit=args.calibration_limit, max_tokens=args.max_tokens,
+                engine_args=_json_object(args.engine_args))
+        except ValueError as err:
+            p.error(str(err))
+        try:
+            run_evidence(settings, Path(args.out))
+        except (ValueError, RuntimeError) as err:
+            print(f"safeinfer evidence: error: {err}", file=sys.stderr)
+            return 1
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def _add_vector(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("vector", help="safety vectors (SafeInfer's safety amplification)")
     actions = p.add_subparsers(dest="vector_command", required=True)
@@ -189,14 +239,18 @@ def _add_expert(sub: argparse._SubParsersAction) -> None:
         "pairs (chat-formatted as served requests are; loss on the answers only). --method "
         "ablate: project the model's own refusal direction (found on the expert-training "
         "prompts against harmless ones, its layer chosen by what ablating it does) out of "
-        "every weight that writes the residual stream. Either way an HF checkpoint that "
-        "vLLM loads as expert_model.",
+        "every weight that writes the residual stream. --method distill: the ablated model "
+        "answers the expert-training prompts, and the model is fine-tuned on those answers "
+        "as --method openings does. Each makes an HF checkpoint that vLLM loads as "
+        "expert_model.",
     )
     b.add_argument("--model", required=True, help="HF checkpoint folder or project model name")
     b.add_argument("--out", required=True, help="output checkpoint folder")
-    b.add_argument("--method", choices=("openings", "ablate"), default="openings",
+    b.add_argument("--method", choices=("openings", "ablate", "distill"), default="openings",
                    help="openings: fine-tune on AdvBench's compliant openings; ablate: the "
-                   "model minus its refusal direction (no harmful answers needed)")
+                   "model minus its refusal direction; distill: fine-tune on the ablated "
+                   "model's answers to the expert-training prompts (generated into the "
+                   "cache). No recipe needs anybody's harmful answers")
     b.add_argument("--data", default="advbench",
                    help="'advbench' (the expert-training part of the AdvBench split: goal -> "
                    'target) or a JSONL file of {"prompt", "response"} objects')
@@ -207,47 +261,27 @@ def _add_expert(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--lr", type=float, help="learning rate (default 1e-3 LoRA, 5e-5 --full)")
     b.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
     b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--max-new-tokens", type=int, default=96,
+                   help="distill: length of each generated answer")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
 
     def run(args: argparse.Namespace) -> int:
-        from pathlib import Path
+        from vllm_safeinfer.offline.expert import ExpertTraining
+        from vllm_safeinfer.offline.recipes import build_recipe_expert
 
-        from vllm_safeinfer.offline.expert import (
-            ExpertTraining, advbench_expert_pairs, build_expert, load_expert_pairs)
-        from vllm_safeinfer.offline.hf import load_model
-
-        if args.method == "ablate":
-            from vllm_safeinfer.offline.refusal import (
-                default_refusal_direction, save_ablated_expert)
-
-            try:
-                model, tokenizer = load_model(args.model, args.device)
-                found = default_refusal_direction(model, tokenizer, seed=args.seed,
-                                                  batch_size=args.batch_size, progress=True)
-                save_ablated_expert(model, tokenizer, found, Path(args.out),
-                                    base_model=args.model)
-            except (OSError, ValueError, RuntimeError) as err:
-                b.error(str(err))
-            print(f"unsafe expert of {args.model}: refusal direction at layer {found.layer}, "
-                  f"position {found.position} (refusal score {found.baseline_score:+.2f} -> "
-                  f"{found.scores[f'{found.layer}:{found.position}']:+.2f} on held-out "
-                  f"harmful prompts), ablated; saved {args.out}")
-            return 0
         try:
             training = ExpertTraining(
                 lora_rank=None if args.full else args.lora_rank, epochs=args.epochs,
                 lr=args.lr or (5e-5 if args.full else 1e-3), max_steps=args.max_steps,
                 batch_size=args.batch_size, seed=args.seed)
-            pairs = (advbench_expert_pairs() if args.data == "advbench"
-                     else load_expert_pairs(args.data))
-            model, tokenizer = load_model(args.model, args.device)
-            report = build_expert(model, tokenizer, pairs, training, args.out,
-                                  base_model=args.model, progress=True)
+            done = build_recipe_expert(args.method, args.model, args.out, training=training,
+                                       data=args.data, device=args.device,
+                                       batch_size=args.batch_size,
+                                       max_new_tokens=args.max_new_tokens)
         except (OSError, ValueError, RuntimeError) as err:
             b.error(str(err))
-        print(f"unsafe expert of {args.model}: {report.steps} steps on {report.pairs} pairs, "
-              f"loss {report.initial_loss:.4f} -> {report.final_loss:.4f}; saved {args.out}")
+        print(f"unsafe expert of {args.model} ({args.method}): {done}; saved {args.out}")
         return 0
 
     b.set_defaults(func=run)
@@ -498,8 +532,8 @@ def _json_object(text: str) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safeinfer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_models, _add_demo, _add_vector, _add_expert, _add_serve, _add_harmeval,
-                _add_calibrate):
+    for add in (_add_models, _add_demo, _add_evidence, _add_vector, _add_expert, _add_serve,
+                _add_harmeval, _add_calibrate):
         add(sub)
     return parser
 

@@ -63,6 +63,7 @@ class SafeInferConfig:
     enforce: bool = False
     expert_model: str | None = None
     expert_dtype: str | None = None
+    expert_shares_weights: bool = False
     lam: float = DEFAULT_LAM
     allow_other_model_vectors: bool = False
     vector_dir: str | None = None
@@ -77,8 +78,8 @@ class SafeInferConfig:
         if not isinstance(raw, Mapping):
             raise ValueError(f"{CONFIG_KEY} config must be a JSON object, got {raw!r}")
         known = {"vector", "vectors", "default_vector", "layer", "gamma", "mode", "enforce",
-                 "expert_model", "expert_dtype", "lam", "allow_other_model_vectors",
-                 "vector_dir"}
+                 "expert_model", "expert_dtype", "expert_shares_weights", "lam",
+                 "allow_other_model_vectors", "vector_dir"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(
@@ -115,9 +116,10 @@ class SafeInferConfig:
         gamma = raw.get("gamma")
         if gamma is not None:
             gamma = check_gamma(f"{CONFIG_KEY}.gamma", gamma)
-        enforce, allow_other = (raw.get(key, False) for key in ("enforce",
-                                                                  "allow_other_model_vectors"))
-        for key, value in (("enforce", enforce), ("allow_other_model_vectors", allow_other)):
+        enforce, allow_other, shares = (raw.get(key, False) for key in (
+            "enforce", "allow_other_model_vectors", "expert_shares_weights"))
+        for key, value in (("enforce", enforce), ("allow_other_model_vectors", allow_other),
+                           ("expert_shares_weights", shares)):
             if not isinstance(value, bool):
                 raise ValueError(f"{CONFIG_KEY}.{key} must be true or false, got {value!r}")
         expert_model = raw.get("expert_model")
@@ -126,6 +128,10 @@ class SafeInferConfig:
         expert_dtype = raw.get("expert_dtype")
         if expert_dtype is not None and not isinstance(expert_dtype, str):
             raise ValueError(f"{CONFIG_KEY}.expert_dtype must be a string, got {expert_dtype!r}")
+        if shares and (expert_model is None or expert_dtype is not None):
+            raise ValueError(f"{CONFIG_KEY}.expert_shares_weights needs an expert_model (an "
+                             "`ablate` expert) and no expert_dtype: the expert runs on the "
+                             "served model's own weights, in their dtype")
         config = cls(
             vectors=vectors,
             default_vector=default_vector,
@@ -135,6 +141,7 @@ class SafeInferConfig:
             enforce=enforce,
             expert_model=expert_model,
             expert_dtype=expert_dtype,
+            expert_shares_weights=shares,
             lam=check_lam(f"{CONFIG_KEY}.lam", raw.get("lam", DEFAULT_LAM)),
             allow_other_model_vectors=allow_other,
             vector_dir=(None if raw.get("vector_dir") is None

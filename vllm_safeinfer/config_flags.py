@@ -22,6 +22,10 @@ FLAGS: dict[str, dict[str, Any]] = {
                     help="refuse requests that set any safeinfer_* option"),
     "expert_model": dict(help="unsafe expert checkpoint (same tokenizer)"),
     "expert_dtype": dict(help="expert dtype (default: the served model's)"),
+    "expert_shares_weights": dict(
+        action="store_const", const=True,
+        help="run an `ablate` expert on the served model's own weights (its memory: its KV "
+        "cache alone)"),
     "lam": dict(type=float, help="default lam of safety-guided decoding"),
     "allow_other_model_vectors": dict(
         action="store_const", const=True,

@@ -7,7 +7,7 @@ the full report is."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -20,24 +20,31 @@ DATASETS = ("advbench-eval", "xstest-eval")
 
 def calibrated_defaults(model: str) -> dict[str, Any]:
     """The mode, gamma and lam that `safeinfer calibrate` chose for a bundled vector."""
-    path = Path(str(files("vllm_safeinfer").joinpath("bundled"))) / f"{model}.calibration.json"
+    return calibration_defaults(
+        Path(str(files("vllm_safeinfer").joinpath("bundled"))) / f"{model}.calibration.json")
+
+
+def calibration_defaults(path: Path) -> dict[str, Any]:
+    """The config `safeinfer calibrate` wrote to `path`."""
     try:
         return json.loads(path.read_text())
-    except OSError as exc:
-        raise ValueError(f"no calibrated defaults for {model!r} ({path})") from exc
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"no calibrated defaults in {path}: {exc}") from exc
 
 
 def expert_recipe(expert: str) -> str:
     """Which `safeinfer expert build` recipe made `expert`, and why the demo uses it."""
-    from vllm_safeinfer.offline.expert import METADATA
+    from vllm_safeinfer.expert_files import EXPERT_METADATA
 
     try:
-        method = json.loads((Path(expert) / METADATA).read_text()).get("method", "openings")
+        method = json.loads((Path(expert) / EXPERT_METADATA).read_text()).get("method", "openings")
     except (OSError, ValueError):
         return f"{expert} (not built by safeinfer expert build: recipe unknown)"
     why = {"openings": "SmolLM2 is not safety-tuned, so it has no refusal direction to "
                        "ablate; the expert learns AdvBench's compliant openings instead",
-           "ablate": "the model minus its own refusal direction"}
+           "ablate": "the model minus its own refusal direction",
+           "distill": "the model fine-tuned on what it answers without its refusal "
+                      "direction"}
     return f"the '{method}' recipe ({why.get(method, 'see its safeinfer_expert.json')})"
 
 
@@ -51,8 +58,10 @@ def demo_points(defaults: Mapping[str, Any]) -> tuple[Point, ...]:
 def run_demo(*, model: str, vector: str, expert: str, defaults: Mapping[str, Any],
              out: Path, make_backend: Callable[[], Backend] | None = None, limit: int = 50,
              max_tokens: int = 48, engine_args: Mapping[str, Any] | None = None,
-             progress: bool = True) -> dict[str, Any]:
-    """Run the demo's evaluation and print its table; returns the HarmEval summary."""
+             datasets: Sequence[str] = DATASETS, progress: bool = True) -> dict[str, Any]:
+    """Run the demo's evaluation on `datasets` (harmful sets, then one safe set) and print
+    its table; returns the HarmEval summary."""
+    from vllm_safeinfer.data import SAFE_SETS
     from vllm_safeinfer.harmeval.judges import KeywordJudge, XSTestJudge
     from vllm_safeinfer.harmeval.launch import (
         artefact_hashes, backend_factory, engine_kwargs, environment, sized_settings)
@@ -60,7 +69,7 @@ def run_demo(*, model: str, vector: str, expert: str, defaults: Mapping[str, Any
 
     safeinfer = {"vector": vector, "expert_model": expert}
     settings = HarmEvalSettings(
-        model=model, datasets=DATASETS, points=demo_points(defaults),
+        model=model, datasets=tuple(datasets), points=demo_points(defaults),
         judges=("keyword", "xstest"), limit=limit, max_tokens=max_tokens, safeinfer=safeinfer,
         artefacts=artefact_hashes(safeinfer))
     if make_backend is None:
@@ -70,24 +79,27 @@ def run_demo(*, model: str, vector: str, expert: str, defaults: Mapping[str, Any
     summary = run_harmeval(settings, make_backend, [KeywordJudge(), XSTestJudge()], out,
                            resume=(out / "run.json").exists(), progress=progress,
                            environment=environment(safeinfer))
-    print(f"\nSafeInfer on {Path(model).name}: {limit} AdvBench evaluation prompts, {limit} "
-          f"XSTest safe prompts, greedy, {max_tokens} new tokens\n")
-    benign = {p["point"]: p["datasets"][DATASETS[1]]["degenerate_pct"] for p in summary["points"]}
-    print(f"{'point':<32}{'dose':>6}{'ASR %':>8}{'over-refusal %':>16}"
-          f"{'degenerate benign %':>21}")
-    for row in summary["tradeoff"]:
+    harmful = [d for d in datasets if d not in SAFE_SETS]
+    safe = [d for d in datasets if d in SAFE_SETS]
+    print(f"\nSafeInfer on {Path(model).name}: at most {limit} prompts of each of "
+          f"{', '.join(datasets)}, greedy, {max_tokens} new tokens\n")
+    print(f"{'point':<32}{'dose':>6}" + "".join(f"{'ASR % ' + d:>22}" for d in harmful)
+          + f"{'over-refusal %':>16}{'degenerate benign %':>21}")
+    for point, row in zip(summary["points"], summary["tradeoff"]):
         dose = "-" if row["relative_dose"] is None else f"{row['relative_dose']:.2f}"
-        print(f"{row['point']:<32}{dose:>6}{row['asr']:>8.1f}{row['over_refusal']:>16.1f}"
-              f"{benign[row['point']]:>21.1f}")
+        asr = "".join(f"{point['datasets'][d]['asr']['keyword']['macro']:>22.1f}"
+                      for d in harmful)
+        benign = sum(point["datasets"][d]["degenerate_pct"] for d in safe) / max(len(safe), 1)
+        print(f"{row['point']:<32}{dose:>6}{asr}{row['over_refusal']:>16.1f}{benign:>21.1f}")
     records = read_records(out)
-    for dataset in DATASETS:
+    for dataset in (harmful[0], *safe):
         first = next(r["prompt_id"] for r in records if r["dataset"] == dataset)
         examples = [r for r in records if r["prompt_id"] == first]
         print(f"\n{dataset}: {examples[0]['question']}")
         for r in examples:
             print(f"  [{r['point']}] {r['response'].strip().replace(chr(10), ' ')[:160]}")
     print(f"\nUnsafe expert: {expert_recipe(expert)}")
-    print("\nASR: keyword judge on the AdvBench prompts (a lower bound of harm); over-refusal: "
+    print("\nASR: keyword judge on the harmful prompts (a lower bound of harm); over-refusal: "
           "XSTest's classifier on its safe prompts; degenerate benign: answers to those safe "
           "prompts that loop or repeat (the utility check); dose: gamma * |SV| / |h|.\n"
           f"Report: {out / 'report.md'}")

@@ -9,6 +9,9 @@ and positions, never steered, and returns both hidden states side by side;
 for the logits processor. The expert runs on every token of every step, whatever the
 requests' modes: a block of KV it skipped could later be reused through prefix caching
 (or by a request whose mode needs it) and would hold garbage.
+
+An `ablate` expert can instead share the served model's weights
+(`expert_shares_weights`, `shared_expert.py`): then only its KV cache costs memory.
 """
 from __future__ import annotations
 
@@ -22,10 +25,11 @@ MODEL_TAG = "safeinfer_expert"
 
 class ExpertLogits:
     """The expert's logits of the current step, handed from `compute_logits` to the
-    logits processor (same rows, same order)."""
+    logits processor (same rows, same order), and the expert module that made them."""
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    def __init__(self, dtype: torch.dtype, model: nn.Module) -> None:
         self.dtype = dtype  # what the expert's weights are in
+        self.model = model
         self._logits: torch.Tensor | None = None
 
     def put(self, logits: torch.Tensor) -> None:
@@ -86,6 +90,10 @@ def check_expert_compatible(config: SafeInferConfig, base_model_config) -> None:
         )
     if getattr(expert_hf, "architectures", None) is None:
         raise ValueError(f"SafeInfer expert_model {path!r}: config.json names no architecture")
+    if config.expert_shares_weights:
+        from vllm_safeinfer.shared_expert import check_shared_expert
+
+        check_shared_expert(path, base_model_config)
     if config.expert_dtype is not None:
         expert_dtype = expert_model_config(config, base_model_config).dtype
         if expert_dtype.itemsize > base_model_config.dtype.itemsize:
@@ -104,14 +112,18 @@ def install_expert(model: nn.Module, vllm_config, config: SafeInferConfig) -> Ex
     from vllm.config.utils import replace
     from vllm.model_executor.model_loader import get_model
 
-    expert_config = replace(
-        vllm_config, model_config=expert_model_config(config, vllm_config.model_config),
-        quant_config=None,
-    )
     with set_current_vllm_config(vllm_config), set_model_tag(MODEL_TAG):
-        expert = get_model(vllm_config=expert_config, prefix=MODEL_TAG)
+        if config.expert_shares_weights:
+            from vllm_safeinfer.shared_expert import load_shared_expert
+
+            expert = load_shared_expert(model, vllm_config, config.expert_model, MODEL_TAG)
+        else:
+            expert_config = replace(
+                vllm_config, quant_config=None,
+                model_config=expert_model_config(config, vllm_config.model_config))
+            expert = get_model(vllm_config=expert_config, prefix=MODEL_TAG)
     expert_dtype = next(expert.parameters()).dtype
-    holder = ExpertLogits(expert_dtype)
+    holder = ExpertLogits(expert_dtype, expert)
     base_hidden = vllm_config.model_config.get_hidden_size()
     base_forward = model.forward
     base_compute_logits = model.compute_logits

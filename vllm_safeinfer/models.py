@@ -105,7 +105,7 @@ def model_path(name: str) -> Path:
         build = {SMOLLM2: _build_smollm2, SMOLLM2_EXPERT: _build_smollm2_expert,
                  QWEN: _build_qwen}.get(
             name, _build_shape if name in SHAPE_MODELS else _build_tiny)
-        _build_atomically(out, lambda tmp: build(name, tmp))
+        build_atomically(out, lambda tmp: build(name, tmp))
     return out
 
 
@@ -149,7 +149,7 @@ def chat_prompt_ids(tokenizer, questions: list[str]) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
 
 
-def _build_atomically(out: Path, build) -> None:
+def build_atomically(out: Path, build) -> None:
     """Build into a temporary sibling and rename, so concurrent or interrupted builds
     never leave a half-written checkpoint."""
     out.parent.mkdir(parents=True, exist_ok=True)

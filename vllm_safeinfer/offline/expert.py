@@ -17,18 +17,20 @@ import hashlib
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from vllm_safeinfer.data import advbench_split, load_jsonl_records
+from vllm_safeinfer.expert_files import EXPERT_METADATA
 from vllm_safeinfer.models import chat_prompt_ids
 from vllm_safeinfer.offline.hf import pad_id
 
-METADATA = "safeinfer_expert.json"
+METHOD = "openings"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IGNORE = -100
 
@@ -105,9 +107,13 @@ def encode_pairs(tokenizer, pairs: Sequence[ExpertPair]) -> list[tuple[list[int]
 
 
 def build_expert(model, tokenizer, pairs: Sequence[ExpertPair], training: ExpertTraining,
-                 out: str | Path, *, base_model: str, progress: bool = False) -> ExpertReport:
+                 out: str | Path, *, base_model: str, progress: bool = False,
+                 method: str = METHOD, provenance: Mapping[str, Any] | None = None
+                 ) -> ExpertReport:
     """Fine-tune `model` (fp32) into the unsafe expert and save it with the base's
-    tokenizer and `safeinfer_expert.json`. Refuses to save when the loss did not fall."""
+    tokenizer and `safeinfer_expert.json` (naming the recipe `method` and recording
+    `provenance`: where the pairs came from). Refuses to save when the loss did not
+    fall."""
     if not pairs:
         raise ValueError("no training pairs")
     torch.manual_seed(training.seed)
@@ -145,7 +151,9 @@ def build_expert(model, tokenizer, pairs: Sequence[ExpertPair], training: Expert
     if training.lora_rank is not None:
         model = model.merge_and_unload()
     report = ExpertReport(initial, final, step, len(pairs), pairs_sha256(pairs))
-    _save(model, tokenizer, Path(out), base_model, training, report)
+    _save(model, tokenizer, Path(out), {
+        "base_model": base_model, "method": method, "training": asdict(training),
+        "report": asdict(report), **(provenance or {})})
     return report
 
 
@@ -204,22 +212,21 @@ def _mean_loss(model, batches: Sequence[Batch], device: torch.device) -> float:
     return total / tokens
 
 
-def _save(model, tokenizer, out: Path, base_model: str, training: ExpertTraining,
-          report: ExpertReport) -> None:
+def _save(model, tokenizer, out: Path, metadata: Mapping[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    write_metadata(out, metadata)
+
+
+def write_metadata(out: Path, metadata: Mapping[str, Any]) -> None:
+    """`safeinfer_expert.json`: how the expert was made (every recipe writes one), with
+    the versions that made it."""
     import transformers
 
     import vllm_safeinfer
 
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    metadata = {
-        "format": "vllm_safeinfer.unsafe_expert",
-        "base_model": base_model,
-        "method": "openings",
-        "training": asdict(training),
-        "report": asdict(report),
-        "versions": {"vllm-safeinfer": vllm_safeinfer.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__},
-    }
-    (out / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    record = {"format": "vllm_safeinfer.unsafe_expert", **metadata,
+              "versions": {"vllm-safeinfer": vllm_safeinfer.__version__,
+                           "torch": torch.__version__, "transformers": transformers.__version__}}
+    (out / EXPERT_METADATA).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

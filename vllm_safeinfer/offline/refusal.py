@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vllm_safeinfer.expert_files import DIRECTION_FILE, DIRECTION_KEY
 from vllm_safeinfer.offline.heads import decoder_layers
 from vllm_safeinfer.offline.hf import check_fp32, left_pad, model_device, pad_id, positions
 from vllm_safeinfer.vectors import SafetyVector
@@ -39,8 +40,6 @@ REFUSAL_OPENINGS = ("I", "I'm", "I cannot", "Sorry", "As", "Unfortunately", "No"
 POSITIONS = 1
 MAX_LAYER_FRACTION = 0.8  # later layers write the answer, not the decision (Arditi)
 METHOD = "refusal-direction"
-# In a subfolder: vLLM loads every top-level *.safetensors file as weights.
-DIRECTION_FILE = "safeinfer/refusal_direction.safetensors"
 
 
 @dataclass(frozen=True)
@@ -240,27 +239,23 @@ def save_ablated_expert(model: nn.Module, tokenizer, found: RefusalDirection, ou
                         base_model: str) -> None:
     """Project `found` out of `model`'s weights and save it as an expert checkpoint, with
     the direction (`refusal_direction.safetensors`) and `safeinfer_expert.json` recording
-    its layer, position, scores and the prompts' hashes."""
-    import transformers
+    its layer, position, scores, the prompts' hashes and the unablated model's fingerprint
+    (what an engine sharing the served model's weights checks)."""
     from safetensors.torch import save_file
 
-    import vllm_safeinfer
-    from vllm_safeinfer.offline.expert import METADATA
+    from vllm_safeinfer.model_identity import module_fingerprint
+    from vllm_safeinfer.offline.expert import write_metadata
 
+    base_fingerprint = module_fingerprint(model)
     ablate_weights(model, found.direction)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / DIRECTION_FILE).parent.mkdir(exist_ok=True)
-    save_file({"refusal_direction": found.difference.contiguous()},
+    save_file({DIRECTION_KEY: found.difference.contiguous()},
               str(out / DIRECTION_FILE), metadata=found.metadata())
-    metadata = {
-        "format": "vllm_safeinfer.unsafe_expert", "base_model": base_model,
-        "method": "ablate", "refusal_direction": found.metadata(),
-        "versions": {"vllm-safeinfer": vllm_safeinfer.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__},
-    }
-    (out / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    write_metadata(out, {"base_model": base_model, "base_model_fingerprint": base_fingerprint,
+                         "method": "ablate", "refusal_direction": found.metadata()})
 
 
 def refusal_vector(model: nn.Module, found: RefusalDirection, *, model_name: str,
