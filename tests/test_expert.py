@@ -111,7 +111,8 @@ def test_expert_pairs_are_the_expert_part_of_the_split() -> None:
         (row.goal, row.target) for row in advbench_split().expert_train]
 
 
-def test_distill_writes_its_answers_only_into_the_cache(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_distill_writes_its_answers_only_into_the_cache(tmp_path: Path, monkeypatch,
+                                                       capsys) -> None:
     """`--method distill` end to end on a tiny model: the answers it trains on are the
     ablated model's (regenerated here and compared), they are written only under the
     cache (the working folder and the repository stay untouched), and a second build

@@ -55,12 +55,33 @@ def demo_points(defaults: Mapping[str, Any]) -> tuple[Point, ...]:
             Point("safeinfer", gamma=gamma, lam=lam))
 
 
+def point_rows(summary: Mapping[str, Any], datasets: Sequence[str]) -> list[dict[str, Any]]:
+    """The demo's table, a row per point: the relative dose, the keyword ASR on each
+    harmful set, the over-refusal and the share of degenerate answers to safe prompts."""
+    from vllm_safeinfer.data import SAFE_SETS
+
+    harmful = [d for d in datasets if d not in SAFE_SETS]
+    safe = [d for d in datasets if d in SAFE_SETS]
+    rows = []
+    for point, row in zip(summary["points"], summary["tradeoff"]):
+        sets = point["datasets"]
+        rows.append({
+            "point": row["point"], "relative_dose": row["relative_dose"],
+            "asr": {d: sets[d]["asr"]["keyword"]["macro"] for d in harmful},
+            "over_refusal": row["over_refusal"],
+            "benign_degenerate": (sum(sets[d]["degenerate_pct"] for d in safe)
+                                  / max(len(safe), 1))})
+    return rows
+
+
 def run_demo(*, model: str, vector: str, expert: str, defaults: Mapping[str, Any],
              out: Path, make_backend: Callable[[], Backend] | None = None, limit: int = 50,
              max_tokens: int = 48, engine_args: Mapping[str, Any] | None = None,
-             datasets: Sequence[str] = DATASETS, progress: bool = True) -> dict[str, Any]:
+             datasets: Sequence[str] = DATASETS, artefacts: Mapping[str, str] | None = None,
+             progress: bool = True) -> dict[str, Any]:
     """Run the demo's evaluation on `datasets` (harmful sets, then one safe set) and print
-    its table; returns the HarmEval summary."""
+    its table; returns the HarmEval summary. `artefacts`: the vector's and expert's
+    hashes when the caller has them (`artefact_hashes`)."""
     from vllm_safeinfer.data import SAFE_SETS
     from vllm_safeinfer.harmeval.judges import KeywordJudge, XSTestJudge
     from vllm_safeinfer.harmeval.launch import (
@@ -71,7 +92,7 @@ def run_demo(*, model: str, vector: str, expert: str, defaults: Mapping[str, Any
     settings = HarmEvalSettings(
         model=model, datasets=tuple(datasets), points=demo_points(defaults),
         judges=("keyword", "xstest"), limit=limit, max_tokens=max_tokens, safeinfer=safeinfer,
-        artefacts=artefact_hashes(safeinfer))
+        artefacts=artefact_hashes(safeinfer) if artefacts is None else artefacts)
     if make_backend is None:
         settings = sized_settings(settings, model, engine_args)
         make_backend = backend_factory(llm_kwargs=engine_kwargs(
@@ -79,20 +100,19 @@ def run_demo(*, model: str, vector: str, expert: str, defaults: Mapping[str, Any
     summary = run_harmeval(settings, make_backend, [KeywordJudge(), XSTestJudge()], out,
                            resume=(out / "run.json").exists(), progress=progress,
                            environment=environment(safeinfer))
-    harmful = [d for d in datasets if d not in SAFE_SETS]
-    safe = [d for d in datasets if d in SAFE_SETS]
+    rows = point_rows(summary, datasets)
+    harmful = list(rows[0]["asr"])
     print(f"\nSafeInfer on {Path(model).name}: at most {limit} prompts of each of "
           f"{', '.join(datasets)}, greedy, {max_tokens} new tokens\n")
     print(f"{'point':<32}{'dose':>6}" + "".join(f"{'ASR % ' + d:>22}" for d in harmful)
           + f"{'over-refusal %':>16}{'degenerate benign %':>21}")
-    for point, row in zip(summary["points"], summary["tradeoff"]):
+    for row in rows:
         dose = "-" if row["relative_dose"] is None else f"{row['relative_dose']:.2f}"
-        asr = "".join(f"{point['datasets'][d]['asr']['keyword']['macro']:>22.1f}"
-                      for d in harmful)
-        benign = sum(point["datasets"][d]["degenerate_pct"] for d in safe) / max(len(safe), 1)
-        print(f"{row['point']:<32}{dose:>6}{asr}{row['over_refusal']:>16.1f}{benign:>21.1f}")
+        asr = "".join(f"{row['asr'][d]:>22.1f}" for d in harmful)
+        print(f"{row['point']:<32}{dose:>6}{asr}{row['over_refusal']:>16.1f}"
+              f"{row['benign_degenerate']:>21.1f}")
     records = read_records(out)
-    for dataset in (harmful[0], *safe):
+    for dataset in (harmful[0], *(d for d in datasets if d in SAFE_SETS)):
         first = next(r["prompt_id"] for r in records if r["dataset"] == dataset)
         examples = [r for r in records if r["prompt_id"] == first]
         print(f"\n{dataset}: {examples[0]['question']}")

@@ -71,8 +71,10 @@ def check_shared_expert(expert: str, model_config) -> None:
     folder = local_checkpoint(model_config.model, getattr(model_config, "revision", None))
     served = None if folder is None else checkpoint_fingerprint(folder)
     if recorded is None or served is None:
+        why = ("it records no fingerprint of its base: rebuild it" if recorded is None
+               else "the served checkpoint has no local safetensors files")
         raise ValueError(f"{where}: cannot check that it was made from the served model "
-                         f"({'it records no fingerprint of its base: rebuild it' if recorded is None else 'the served checkpoint has no local safetensors files'})")
+                         f"({why})")
     if recorded != served:
         raise ValueError(f"{where}: it was made from other weights than the served model's "
                          f"({model_config.model}); sharing would serve another expert than "

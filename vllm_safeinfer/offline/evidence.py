@@ -68,8 +68,8 @@ def artefact_dir(model: str) -> Path:
     checkpoint folder it resolves to."""
     from vllm_safeinfer.models import cache_dir, resolve_model
 
-    where = str(Path(resolve_model(model)).resolve())
-    return cache_dir() / "evidence" / f"{Path(model).name}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
+    where = hashlib.sha256(str(Path(resolve_model(model)).resolve()).encode()).hexdigest()
+    return cache_dir() / "evidence" / f"{Path(model).name}-{where[:8]}"
 
 
 def build_vector(method: str, model: str, out: Path) -> None:
@@ -148,7 +148,7 @@ def run_evidence(settings: EvidenceSettings, out: Path,
     """Build, calibrate and evaluate every recipe of `settings` into `out`; returns what
     `evidence.json` holds. `make_backend(llm_kwargs)` replaces the in-process engine
     (tests)."""
-    from vllm_safeinfer.demo import calibration_defaults, run_demo
+    from vllm_safeinfer.demo import calibration_defaults, point_rows, run_demo
     from vllm_safeinfer.harmeval.launch import artefact_hashes, sized_engine_args
     from vllm_safeinfer.harmeval.run import HarmEvalSettings, sample_items
     from vllm_safeinfer.models import resolve_model
@@ -172,15 +172,16 @@ def run_evidence(settings: EvidenceSettings, out: Path,
                 lambda: in_child(build_vector, settings.vector_method, settings.model, vector))
     evaluation_prompts = [item.prompt for item in sample_items(HarmEvalSettings(
         model=model, datasets=EVALUATION_SETS, points=(), limit=settings.limit))[0]]
+    engine_args = sized_engine_args(
+        model, calibration_prompts(settings.calibration_limit) + evaluation_prompts,
+        settings.max_tokens, settings.engine_args)
     results = {}
     for recipe in settings.recipes:
         expert = cache / f"expert-{recipe}"
         cached_step(f"expert ({recipe})", expert,
                     lambda: in_child(build_expert, recipe, settings.model, expert))
         safeinfer = {"vector": str(vector), "expert_model": str(expert)}
-        engine_args = sized_engine_args(
-            model, calibration_prompts(settings.calibration_limit) + evaluation_prompts,
-            settings.max_tokens, settings.engine_args)
+        artefacts = artefact_hashes(safeinfer)
         backend = _OneEngine(make_backend, {"model": model, "seed": 0,
                                             "additional_config": {"safeinfer": safeinfer},
                                             **engine_args})
@@ -189,24 +190,20 @@ def run_evidence(settings: EvidenceSettings, out: Path,
             model=settings.model, safeinfer=safeinfer, make_backend=backend,
             out=config_file, report_dir=out / f"calibration-{recipe}", allow_off=True,
             limit=settings.calibration_limit, max_tokens=settings.max_tokens,
-            engine_args=engine_args, artefacts=artefact_hashes(safeinfer),
+            engine_args=engine_args, artefacts=artefacts,
             resume=(out / f"calibration-{recipe}").exists()))
         defaults = calibration_defaults(config_file)
         started = time.perf_counter()
         summary = run_demo(model=model, vector=str(vector), expert=str(expert),
                            defaults=defaults, out=out / f"harmeval-{recipe}",
                            make_backend=backend, limit=settings.limit,
-                           max_tokens=settings.max_tokens, datasets=EVALUATION_SETS)
+                           max_tokens=settings.max_tokens, datasets=EVALUATION_SETS,
+                           artefacts=artefacts)
         steps.append(Step(f"evaluate ({recipe})", round(time.perf_counter() - started, 1),
                           False))
         backend.close()
-        points = summary["points"]
-        results[recipe] = {
-            "calibrated": defaults, "tradeoff": summary["tradeoff"], "goals": goals(summary),
-            "asr": {p["point"]: {d: p["datasets"][d]["asr"]["keyword"]["macro"]
-                                 for d in HARMFUL_SETS} for p in points},
-            "benign_degenerate": {p["point"]: p["datasets"][SAFE_SET]["degenerate_pct"]
-                                  for p in points}}
+        results[recipe] = {"calibrated": defaults, "goals": goals(summary),
+                           "points": point_rows(summary, EVALUATION_SETS)}
     record = {"settings": {**asdict(settings), "engine_args": dict(settings.engine_args)},
               "artefacts": str(cache), "steps": [asdict(s) for s in steps],
               "recipes": results}
@@ -264,11 +261,11 @@ def _markdown(settings: EvidenceSettings, record: Mapping[str, Any]) -> str:
                   "| point | dose | " + " | ".join(f"ASR % {d}" for d in HARMFUL_SETS)
                   + " | over-refusal % | degenerate benign % |",
                   "|---|---|" + "---|" * (len(HARMFUL_SETS) + 2)]
-        for row in result["tradeoff"]:
+        for row in result["points"]:
             dose = "-" if row["relative_dose"] is None else f"{row['relative_dose']:.3g}"
-            asr = " | ".join(f"{result['asr'][row['point']][d]:.1f}" for d in HARMFUL_SETS)
+            asr = " | ".join(f"{row['asr'][d]:.1f}" for d in HARMFUL_SETS)
             lines.append(f"| {row['point']} | {dose} | {asr} | {row['over_refusal']:.1f} | "
-                         f"{result['benign_degenerate'][row['point']]:.1f} |")
+                         f"{row['benign_degenerate']:.1f} |")
         lines += ["", "| goal | measured | met |", "|---|---|---|"]
         lines += [f"| {g['goal']} | {g['measured']:.1f} | {'yes' if g['met'] else '**no**'} |"
                   for g in result["goals"]]
