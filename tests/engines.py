@@ -3,6 +3,7 @@ the tiny models' SafeInfer assets. Engines take 25-60 s to start on 2 cores, so 
 test asks the pool, and at most two stay alive (the least recently used is shut down)."""
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 from vllm_safeinfer.models import expert_of, model_path
+from vllm_safeinfer.probe import HarmProbe
 from vllm_safeinfer.vectors import SafetyVector
 
 MAX_ALIVE = 2
@@ -21,22 +23,29 @@ ENGINE_DEFAULTS = dict(dtype="float32", max_model_len=512, block_size=32, enforc
 
 @dataclass(frozen=True)
 class TinyAssets:
-    """A tiny model, its expert twin and two unit safety vectors: `a` at layer 1 (a file
+    """A tiny model, its expert twin, two unit safety vectors: `a` at layer 1 (a file
     without a residual norm, as written before it was recorded) and `b` at layer 2 (residual
-    norm 2.0)."""
+    norm 2.0), and a harm probe at layer 1 whose threshold splits both `tests.parity.PROMPTS`
+    and `LONG_PROMPTS` (a random direction: which prompts it flags is arbitrary, what
+    matters is that the engine and the reference agree)."""
 
     model: str
     expert: str
     vectors: dict[str, str]
     hidden_size: int
+    probe: str
 
     def safeinfer_config(self, **overrides) -> dict:
-        config = {"vectors": self.vectors, "default_vector": "a", "expert_model": self.expert}
+        config = {"vectors": self.vectors, "default_vector": "a", "expert_model": self.expert,
+                  "probe": self.probe}
         config.update(overrides)
         return config
 
     def vector(self, name: str) -> SafetyVector:
         return SafetyVector.load(self.vectors[name])
+
+    def harm_probe(self) -> HarmProbe:
+        return HarmProbe.load(self.probe)
 
 
 def make_tiny_assets(name: str, folder: Path) -> TinyAssets:
@@ -57,7 +66,36 @@ def make_tiny_assets(name: str, folder: Path) -> TinyAssets:
             heads=((0, 0),), gamma=gamma, residual_norm=norm,
         ).save(file)
         vectors[vector_name] = str(file)
-    return TinyAssets(str(path), str(model_path(expert_of(name))), vectors, config.hidden_size)
+    probe = folder / f"{name}-probe.safetensors"
+    splitting_probe(str(path), config).save(probe)
+    return TinyAssets(str(path), str(model_path(expert_of(name))), vectors, config.hidden_size,
+                      str(probe))
+
+
+def splitting_probe(path: str, config) -> HarmProbe:
+    """A probe at layer 1 with a random direction, its threshold between two neighbouring
+    scores of `PROMPTS` and `LONG_PROMPTS` where it flags as many of each set as it lets
+    through (the widest such gap: engine and reference agree despite rounding)."""
+    from tests.parity import LONG_PROMPTS, PROMPTS
+    from vllm_safeinfer.reference import SafeInferReference
+
+    direction = torch.randn(config.hidden_size, generator=torch.Generator().manual_seed(7))
+    probe = HarmProbe(direction=direction / direction.norm(), layer=1, threshold=0.0,
+                      model="tiny", hidden_size=config.hidden_size,
+                      num_layers=config.num_hidden_layers)
+    reference = SafeInferReference.from_pretrained(path)
+    sets = [[s for _, s in reference.gate_verdicts(prompts, probe, 0.0)]
+            for prompts in (PROMPTS, LONG_PROMPTS)]
+    scores = sorted(s for scores in sets for s in scores)
+
+    def quality(i: int) -> tuple[int, float]:
+        cut = (scores[i] + scores[i + 1]) / 2
+        balance = min(min(sum(s > cut for s in set_), sum(s <= cut for s in set_))
+                      for set_ in sets)
+        return balance, scores[i + 1] - scores[i]
+
+    best = max(range(len(scores) - 1), key=quality)
+    return dataclasses.replace(probe, threshold=(scores[best] + scores[best + 1]) / 2)
 
 
 class EnginePool:

@@ -18,6 +18,14 @@ PROMPTS: list[list[int]] = [
 MAX_TOKENS = 10
 
 
+def long_prompt(seed: int, length: int) -> list[int]:
+    return [(seed * 7919 + i * 104729) % 480 + 10 for i in range(length)]
+
+
+# Prompts longer than the stress engine's 64-token step: their last chunk is a split one.
+LONG_PROMPTS: list[list[int]] = [long_prompt(200 + i, 120 + 11 * i) for i in range(16)]
+
+
 @dataclass(frozen=True)
 class Case:
     """One request's SafeInfer options."""
@@ -26,24 +34,28 @@ class Case:
     vector: str | None = None
     gamma: float | None = None
     lam: float | None = None
+    defence: str | None = None  # mode auto: what a flagged request runs
 
     def extra_args(self) -> dict | None:
         args = {"safeinfer_mode": self.mode}
         for key, value in (("safeinfer_vector", self.vector), ("safeinfer_gamma", self.gamma),
-                           ("safeinfer_lam", self.lam)):
+                           ("safeinfer_lam", self.lam), ("safeinfer_defence", self.defence)):
             if value is not None:
                 args[key] = value
         return args
 
     def row_settings(self, assets) -> RowSettings:
-        mode = Mode(self.mode)
+        """The reference's settings; a gated case runs its defence (the tiny engines'
+        default defence is safeinfer) when the probe flags it."""
+        gated = self.mode == "auto"
+        mode = Mode(self.defence or "safeinfer") if gated else Mode(self.mode)
+        lam = self.lam if self.lam is not None else DEFAULT_LAM
         if not mode.steers:
-            return RowSettings(mode, lam=self.lam if self.lam is not None else DEFAULT_LAM)
+            return RowSettings(mode, lam=lam, gated=gated)
         vector = assets.vector(self.vector or "a")
         return RowSettings(
             mode, vector=vector.vector, layer=vector.layer,
-            gamma=vector.gamma if self.gamma is None else self.gamma,
-            lam=self.lam if self.lam is not None else DEFAULT_LAM,
+            gamma=vector.gamma if self.gamma is None else self.gamma, lam=lam, gated=gated,
         )
 
 
@@ -70,5 +82,7 @@ def vllm_generate(llm, prompts: list[list[int]], params) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
-def reference_generate(reference, assets, prompts, cases, max_tokens: int = MAX_TOKENS):
-    return reference.generate(prompts, [c.row_settings(assets) for c in cases], max_tokens)
+def reference_generate(reference, assets, prompts, cases, max_tokens: int = MAX_TOKENS,
+                       **kwargs):
+    return reference.generate(prompts, [c.row_settings(assets) for c in cases], max_tokens,
+                              probe=assets.harm_probe(), **kwargs)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vllm_safeinfer import data
 from vllm_safeinfer.models import model_path
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "throughput.py"
@@ -109,6 +110,31 @@ def test_quick_serving_measures_each_default_mode_on_dummy_weights(tmp_path):
     for (mode, rate), (tpot, ttft) in printed.items():
         assert round(metric(mode, rate, "p50_tpot_ms") / metric("vanilla", rate, "p50_tpot_ms"), 3) == tpot
         assert round(metric(mode, rate, "p50_ttft_ms") / metric("vanilla", rate, "p50_ttft_ms"), 3) == ttft
+
+
+def test_quick_serving_mixed_traffic_in_mode_auto(tmp_path):
+    """`--harmful-share`: real prompts, half harmful; the `auto` server's probe decided
+    every request (flagged plus let through = every request it served) and the printed
+    throughput ratio is the CSV's."""
+    out = tmp_path / "serving"
+    done = subprocess.run([sys.executable, str(SERVING), "--quick", "--modes", "vanilla", "auto",
+                           "--harmful-share", "0.5", "--request-rates", "inf",
+                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    prompts = json.loads((out / "raw" / "prompts.json").read_text())
+    advbench = {p.text for p in data.evaluation_set("advbench").prompts}
+    assert len(prompts) == 10 and sum(p["question"] in advbench for p in prompts) == 5
+    assert all(p["question"] in p["conversations"][0]["value"] for p in prompts)
+    with open(out / "serving.csv") as f:
+        rows = {r["mode"]: r for r in csv.DictReader(f)}
+    auto = rows["auto"]
+    assert (auto["completed"], auto["failed"]) == ("8", "0")
+    assert float(auto["flagged"]) + float(auto["let_through"]) == float(auto["served_in_mode"]) == 10
+    ratio = float(auto["output_throughput"]) / float(rows["vanilla"]["output_throughput"])
+    assert "auto/vanilla tpot" in done.stdout and f"throughput {ratio:.3f}" in done.stdout
+    bad = subprocess.run([sys.executable, str(SERVING), "--harmful-share", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--harmful-share must be in [0, 1]" in bad.stderr
 
 
 def test_llama2_7b_shape_is_a_weightless_llama2_7b(tmp_path):

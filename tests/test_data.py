@@ -16,11 +16,14 @@ EXPECTED_ROWS = {
     "advbench-eval": 160,
     "advbench-calibration": 60,
     "harmbench": 200,
+    "harmbench-eval": 152,
     "strongreject": 313,
     "xstest": 250,
     "xstest-calibration": 120,
     "xstest-eval": 130,
     "xstest-unsafe": 200,
+    "xstest-unsafe-calibration": 96,
+    "xstest-unsafe-eval": 104,
     "dangerousqa": 200,
 }
 
@@ -99,15 +102,53 @@ def test_xstest_halves_are_disjoint_stratified_and_complete() -> None:
     assert "xstest-calibration" in data.SAFE_SETS and "xstest" in data.SAFE_SETS
 
 
+def test_xstest_unsafe_halves_are_disjoint_stratified_complete_and_follow_safe_twins() -> None:
+    calibration, evaluation = data.xstest_split(label="unsafe")
+    assert not set(calibration) & set(evaluation)
+    assert sorted(calibration + evaluation, key=str) == sorted(data.load_dataset("xstest-unsafe"),
+                                                               key=str)
+    assert set(Counter(p.category for p in calibration).values()) == {12}
+    assert data.load_dataset("xstest-unsafe-calibration") == calibration
+    assert data.load_dataset("xstest-unsafe-eval") == evaluation
+    # XSTest's contrast twins ("a can of coke" / "a gram of coke") share a half: neither
+    # calibration half (the harm probe's) has a twin in either evaluation half.
+    safe_calibration, safe_evaluation = data.xstest_split()
+    tuned = calibration + safe_calibration
+    held_out = evaluation + safe_evaluation
+    assert not [(a, b) for a in tuned for b in held_out if _twins(a.text, b.text)]
+    pairs = [(s.text, u.text) for s in data.load_dataset("xstest")
+             for u in data.load_dataset("xstest-unsafe") if _twins(s.text, u.text)]
+    assert len(pairs) >= 5
+    assert data.evaluation_set("xstest-unsafe").prompts == evaluation
+    assert "xstest-unsafe-calibration" in data.CALIBRATION_SETS
+    assert data.xstest_split(label="unsafe") == (calibration, evaluation)
+
+
+def test_harmbench_probe_part_is_held_out_of_its_evaluation() -> None:
+    probe, evaluation = data.harmbench_split()
+    everything = data.load_dataset("harmbench")
+    assert not set(probe) & set(evaluation)
+    assert sorted(probe + evaluation, key=str) == sorted(everything, key=str)
+    assert 40 <= len(probe) <= 60
+    assert len({p.category for p in probe}) == 6
+    assert not [(a, b) for a in probe for b in evaluation if _twins(a.text, b.text)]
+    assert data.load_dataset("harmbench-eval") == evaluation
+    assert data.evaluation_set("harmbench").prompts == evaluation
+    assert data.harmbench_split(seed=1) != (probe, evaluation)
+
+
 TRAINING_PARTS = ("advbench demonstrations", "advbench expert training",
-                  "advbench calibration", "xstest calibration")
+                  "harmbench probe training", "advbench calibration", "xstest calibration",
+                  "xstest unsafe calibration")
 
 
 def _training_texts(split: data.AdvBenchSplit) -> dict[str, list[str]]:
     return {"advbench demonstrations": [r.goal for r in split.demonstrations],
             "advbench expert training": [r.goal for r in split.expert_train],
+            "harmbench probe training": [p.text for p in data.harmbench_split()[0]],
             "advbench calibration": [r.goal for r in split.calibration],
-            "xstest calibration": [p.text for p in data.xstest_split()[0]]}
+            "xstest calibration": [p.text for p in data.xstest_split()[0]],
+            "xstest unsafe calibration": [p.text for p in data.xstest_split(label="unsafe")[0]]}
 
 
 EVALUATION_NAMES = [n for n in data.DATASETS if n not in data.CALIBRATION_SETS]

@@ -50,10 +50,38 @@ def test_configuration_is_shown_without_paths(assets, monkeypatch):
         "vectors": {"a": {"layer": 1, "default_gamma": 1.0, "relative_dose": None},
                     "b": {"layer": 2, "default_gamma": 1.5, "relative_dose": 0.75}},
         "default_vector": "a", "expert": "tiny-llama-expert-v2", "expert_dtype": None,
-        "defaults": {"mode": "safeinfer", "gamma": None, "lam": 0.9}, "enforce": False}
+        "defaults": {"mode": "safeinfer", "gamma": None, "lam": 0.9, "defence": "safeinfer"},
+        "probe": {"layer": 1, "normalize": False, "method": "mean-difference",
+                  "threshold": assets.harm_probe().threshold},
+        "enforce": False}
     assert "/" not in response.text.replace(PATH, "")
     assert client.post(PATH).status_code == 405
     assert client.get("/v1/models").json() == {"data": []}
+
+
+def test_gate_decisions_come_from_the_workers(assets, monkeypatch):
+    """`GET /v1/safeinfer/gate/ID` asks the workers (`collective_rpc`) for one request's
+    verdict: found, unknown (404), a write (405), and the API key rule."""
+    asked = []
+
+    class Engine:
+        async def collective_rpc(self, method, args=()):
+            asked.append((method, args))
+            return [{"chatcmpl-1": {"flagged": True, "score": 0.5, "defence": "sgds"}}]
+
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    client = app_with(assets)
+    client.app.state.engine_client = Engine()
+    found = client.get("/v1/safeinfer/gate/chatcmpl-1")
+    assert found.status_code == 200
+    assert found.json() == {"id": "chatcmpl-1", "flagged": True, "score": 0.5,
+                            "defence": "sgds"}
+    assert asked == [("safeinfer_gate_decisions", (["chatcmpl-1"],))]
+    assert client.get("/v1/safeinfer/gate/other").status_code == 404
+    assert client.post("/v1/safeinfer/gate/chatcmpl-1").status_code == 405
+    keyed = app_with(assets, api_key=["secret"])
+    keyed.app.state.engine_client = Engine()
+    assert keyed.get("/v1/safeinfer/gate/chatcmpl-1").status_code == 401
 
 
 def test_the_api_key_is_required_when_set(assets):

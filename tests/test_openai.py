@@ -227,6 +227,8 @@ def test_readme_client_examples_run_as_written(client, server):
                if line.strip()]
     assert answers[0]["choices"][0]["message"]["role"] == "assistant"
     assert answers[1]["configured"] is True and answers[1]["defaults"]["mode"] == "sa"
+    assert answers[1]["probe"]["layer"] == 1
+    assert isinstance(answers[2]["flagged"], bool) and answers[2]["defence"] == "sgds"
 
 
 def scrape(base: str) -> dict[tuple[str, str], float]:

@@ -17,6 +17,8 @@ from vllm_safeinfer.request_options import RequestSettings
 from vllm_safeinfer.vectors import SafetyVector
 
 RELOAD_SLOTS = 16
+# A gated row's harm-probe verdict, written on the device by the probe (gating.py).
+PENDING, LET_THROUGH, FLAGGED = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,12 @@ class BatchState:
 
     Rows are vLLM's persistent-batch indices (V1 model runner). `scale[k, row]` is the
     request's gamma at steered layer `layers[k]` (0 = not steered there).
+
+    Gated rows (mode `auto`) get their verdict from the harm probe, on the device, in the
+    forward that holds their last prompt token: `verdict` is written there and only
+    there (the host never flushes it; row moves are replayed on it as device ops), so the
+    decision applies in that same forward. The host learns verdicts afterwards
+    (`read_verdicts`) to plan the expert's rows and count decisions.
     """
 
     def __init__(self, vectors: VectorTable, max_rows: int, device: torch.device,
@@ -121,10 +129,18 @@ class BatchState:
             "prompt_len": host((max_rows,), torch.int64),
             "lam": host((max_rows,), torch.float32),
             "mixes": host((max_rows,), torch.bool),
+            "gated": host((max_rows,), torch.bool),
         }
         self._device = {k: v.to(device, copy=True) for k, v in self._host.items()}
         self.vector_table = vectors.table.to(device)
         self._dirty = False
+        # One spare slot past the rows: the probe scatters the rows it does not decide
+        # into it, so it never needs a data-dependent shape.
+        self.verdict = torch.zeros(max_rows + 1, dtype=torch.int8, device=device)
+        self.score = torch.zeros(max_rows + 1, dtype=torch.float32, device=device)
+        self.host_verdict = torch.zeros(max_rows, dtype=torch.int8)
+        self.host_score = torch.zeros(max_rows, dtype=torch.float32)
+        self.gating = False  # set when a harm probe is installed
 
     # Device tensors read by the steering kernel and the mixing step.
     @property
@@ -147,9 +163,59 @@ class BatchState:
     def mixes(self) -> torch.Tensor:
         return self._device["mixes"]
 
+    @property
+    def gated(self) -> torch.Tensor:
+        return self._device["gated"]
+
+    def defended(self, num_rows: int) -> torch.Tensor:
+        """Device `[num_rows]` bool: the row runs its settings (ungated, or flagged)."""
+        return ~self.gated[:num_rows] | (self.verdict[:num_rows] == FLAGGED)
+
+    def steering_scale(self, slot: int) -> torch.Tensor:
+        """Device `[max_rows]` gammas at steered layer slot `slot`, zero for rows the probe
+        has not flagged (always computed when gating, so graphs captured without a
+        gated row stay right when one comes)."""
+        scale = self.scale[slot]
+        return scale * self.defended(scale.numel()) if self.gating else scale
+
     def any_mixing(self, num_rows: int) -> bool:
         """Host-side check, no device sync."""
         return bool(self._host["mixes"][:num_rows].any())
+
+    def mixing_rows(self, num_rows: int) -> torch.Tensor:
+        """Host `[num_rows]` bool: rows whose mode mixes and that the probe has not let
+        through (as far as the host knows: a verdict not read back yet counts as open)."""
+        let_through = self._host["gated"][:num_rows] & (self.host_verdict[:num_rows]
+                                                        == LET_THROUGH)
+        return self._host["mixes"][:num_rows] & ~let_through
+
+    @property
+    def prompt_len_host(self) -> torch.Tensor:
+        return self._host["prompt_len"]
+
+    def expert_rows(self, num_rows: int, in_prefill: torch.Tensor) -> torch.Tensor:
+        """Host `[num_rows]` bool: rows the expert must run on this step: those whose mode
+        mixes, less gated rows past their prompt that the probe let through."""
+        h = self._host
+        let_through = (h["gated"][:num_rows] & ~in_prefill
+                       & (self.host_verdict[:num_rows] == LET_THROUGH))
+        return h["mixes"][:num_rows] & ~let_through
+
+    def read_verdicts(self) -> list[tuple[int, bool, float]]:
+        """Copy the probe's verdicts of gated rows still pending on the host; returns the
+        (row, flagged, score) decided since the last call. Only rows with a pending
+        verdict trigger the copy (on a GPU, a wait for the last forward), so a batch
+        without new gated requests never waits."""
+        pending = self._host["gated"] & (self.host_verdict == PENDING)
+        if not bool(pending.any()):
+            return []
+        verdict = self.verdict[:-1].to("cpu")
+        score = self.score[:-1].to("cpu")
+        decided = pending & (verdict != PENDING)
+        self.host_verdict[decided] = verdict[decided]
+        self.host_score[decided] = score[decided]
+        return [(row, bool(verdict[row] == FLAGGED), float(score[row]))
+                for row in decided.nonzero().flatten().tolist()]
 
     def publish(self, name: str, path: str, vector: SafetyVector, version: int) -> None:
         """Add a vector version; its row is copied to the device table in place (the
@@ -170,19 +236,24 @@ class BatchState:
         if settings.mode.mixes:
             h["mixes"][row] = True
             h["lam"][row] = settings.lam
+        h["gated"][row] = settings.gated
+
+    def _per_row(self) -> tuple[torch.Tensor, ...]:
+        return (*self._host.values(), self.verdict, self.score, self.host_verdict,
+                self.host_score)
 
     def clear_row(self, row: int) -> None:
-        for t in self._host.values():
+        for t in self._per_row():
             t[..., row] = 0
         self._dirty = True
 
     def move(self, src: int, dst: int) -> None:
-        for t in self._host.values():
+        for t in self._per_row():
             t[..., dst] = t[..., src]
         self.clear_row(src)
 
     def swap(self, a: int, b: int) -> None:
-        for t in self._host.values():
+        for t in self._per_row():
             t[..., [a, b]] = t[..., [b, a]]
         self._dirty = True
 

@@ -56,10 +56,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _add_evidence(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evidence", help="SafeInfer end to end on a model: build, calibrate, evaluate",
-        description="Build the safety vector and the unsafe expert (cached), calibrate "
-        "gamma and lam on the calibration split, and run HarmEval in all four modes at the "
-        "chosen point on AdvBench's evaluation part, HarmBench and XSTest's evaluation "
-        "half; evidence.md gives each step's time and checks the goals.")
+        description="Build the safety vector, the harm probe and the unsafe expert (cached), "
+        "calibrate gamma, lam and the probe's threshold on the calibration split, and run "
+        "HarmEval in every mode at the chosen point on AdvBench's evaluation part, "
+        "HarmBench and XSTest's evaluation half; evidence.md gives each step's time and "
+        "checks the goals.")
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct",
                    help="checkpoint folder or project model name")
     p.add_argument("--recipes", default="ablate", metavar="RECIPE[,RECIPE...]",
@@ -76,6 +77,8 @@ def _add_evidence(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine-args", default='{"dtype": "float32"}', metavar="JSON",
                    help="vLLM engine arguments (max_model_len: sized to the prompts unless "
                    "given)")
+    p.add_argument("--no-gate", action="store_true",
+                   help="no harm probe: calibrate and evaluate the ungated modes only")
     p.add_argument("--out", default="safeinfer-evidence", help="report folder")
 
     def run(args: argparse.Namespace) -> int:
@@ -90,7 +93,7 @@ def _add_evidence(sub: argparse._SubParsersAction) -> None:
                 recipes=RECIPES if args.compare_recipes else tuple(args.recipes.split(",")),
                 vector_method=args.vector_method, limit=args.limit,
                 calibration_limit=args.calibration_limit, max_tokens=args.max_tokens,
-                engine_args=_json_object(args.engine_args))
+                engine_args=_json_object(args.engine_args), gate=not args.no_gate)
         except ValueError as err:
             p.error(str(err))
         try:
@@ -287,6 +290,83 @@ def _add_expert(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=run)
 
 
+def _add_probe(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("probe", help="harm probes (context-adaptive SafeInfer, mode auto)")
+    actions = p.add_subparsers(dest="probe_command", required=True)
+    b = actions.add_parser(
+        "build", help="build a model's harm probe from harmful and safe prompts of several styles",
+        description="Read the residual stream at the last prompt token of harmful prompts "
+        "(AdvBench demonstrations and expert-training goals, HarmBench's probe part, XSTest's "
+        "unsafe calibration half) and safe ones (the harmless instructions, XSTest's safe "
+        "calibration half); fit a direction per layer and method on part of every style, "
+        "choose layer, method and threshold on the rest, then report the chosen probe's flag "
+        "rates on the evaluation sets (which choose nothing).")
+    b.add_argument("--model", required=True, help="HF checkpoint folder or project model name")
+    b.add_argument("--out", required=True, help="output FILE.safetensors")
+    cap = b.add_mutually_exclusive_group()
+    cap.add_argument("--max-layer", type=int,
+                     help="deepest decoder layer the probe may read (default: the last but one)")
+    cap.add_argument("--vector", help="the safety vector the probe gates: its layer caps the "
+                     "probe's, and it must be this model's")
+    b.add_argument("--target-fpr", type=float, default=0.02,
+                   help="largest share of every held-out safe style the threshold may flag")
+    b.add_argument("--report", help="write the build and evaluation report to FILE.json")
+    b.add_argument("--per-style", type=int,
+                   help="at most N training prompts per style (default: all)")
+    b.add_argument("--eval-sets", metavar="SET[,SET...]",
+                   help="evaluation sets (default: the held-out parts of AdvBench, HarmBench "
+                   "and XSTest's unsafe prompts, StrongREJECT, DangerousQA, and XSTest's safe "
+                   "evaluation half)")
+    b.add_argument("--eval-limit", type=int, help="at most N prompts per evaluation set")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
+    b.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+        from pathlib import Path
+
+        from vllm_safeinfer.offline.probe_builder import build_probe_file, describe
+        from vllm_safeinfer.probe import HarmProbe
+
+        if args.report and not Path(args.report).parent.is_dir():
+            b.error(f"folder {Path(args.report).parent} of --report does not exist")
+        try:
+            report = build_probe_file(
+                args.model, args.out, max_layer=args.max_layer, vector=args.vector,
+                target_fpr=args.target_fpr, per_style=args.per_style,
+                **({"eval_sets": tuple(args.eval_sets.split(","))} if args.eval_sets else {}),
+                eval_limit=args.eval_limit,
+                seed=args.seed, batch_size=args.batch_size, device=args.device,
+                progress=True)
+        except (OSError, ValueError) as err:
+            b.error(str(err))
+        if args.report:
+            Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
+        print(describe(HarmProbe.load(args.out)))
+        print(f"goal ({report['goal']['rule']}): {'met' if report['goal']['met'] else 'missed'}; "
+              f"built in {report['build_s']} s, {report['total_s']} s with the evaluation; "
+              f"saved {args.out}")
+        return 0
+
+    b.set_defaults(func=run)
+
+    inspect = actions.add_parser("inspect", help="print a harm probe file's metadata")
+    inspect.add_argument("file", help="FILE.safetensors")
+
+    def print_inspect(args: argparse.Namespace) -> int:
+        from vllm_safeinfer.offline.probe_builder import describe
+        from vllm_safeinfer.probe import HarmProbe
+
+        try:
+            print(f"file: {args.file}\n{describe(HarmProbe.load(args.file))}")
+        except (OSError, ValueError) as err:
+            inspect.error(str(err))
+        return 0
+
+    inspect.set_defaults(func=print_inspect)
+
+
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "calibrate", help="choose gamma and lam by measurement (HarmEval sweep)",
@@ -296,6 +376,8 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder or project model name")
     p.add_argument("--vector", required=True, help="safety vector file")
     p.add_argument("--expert", help="unsafe expert checkpoint (without it: SA only)")
+    p.add_argument("--probe", help="harm probe (`safeinfer probe build`): also choose its "
+                   "threshold, each defence gated by it (mode auto)")
     p.add_argument("--out", required=True, help="the chosen config, FILE.json")
     p.add_argument("--report-dir", help="sweep report folder (default: FILE-calibration/)")
     p.add_argument("--over-refusal-budget", type=float, default=5.0,
@@ -331,6 +413,8 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         out = Path(args.out)
         report_dir = Path(args.report_dir or out.with_name(out.stem + "-calibration"))
         safeinfer = {"vector": args.vector}
+        if args.probe:
+            safeinfer["probe"] = args.probe
         try:
             if args.expert:
                 safeinfer["expert_model"] = resolve_model(args.expert)
@@ -532,8 +616,8 @@ def _json_object(text: str) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safeinfer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_models, _add_demo, _add_evidence, _add_vector, _add_expert, _add_serve,
-                _add_harmeval, _add_calibrate):
+    for add in (_add_models, _add_demo, _add_evidence, _add_vector, _add_expert, _add_probe,
+                _add_serve, _add_harmeval, _add_calibrate):
         add(sub)
     return parser
 

@@ -67,10 +67,24 @@ class SafeInferConfig:
     lam: float = DEFAULT_LAM
     allow_other_model_vectors: bool = False
     vector_dir: str | None = None
+    probe: str | None = None
+    probe_threshold: float | None = None
+    defence: Mode | None = None
 
     @property
     def has_expert(self) -> bool:
         return self.expert_model is not None
+
+    @property
+    def default_defence(self) -> Mode | None:
+        """What a request in mode `auto` runs when flagged, unless it names its own: the
+        configured `defence`, else the strongest this server can run."""
+        if self.defence is not None:
+            return self.defence
+        steers = self.default_vector is not None
+        if steers and self.has_expert:
+            return Mode.SAFEINFER
+        return Mode.SA if steers else Mode.SGDS if self.has_expert else None
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> SafeInferConfig:
@@ -79,7 +93,8 @@ class SafeInferConfig:
             raise ValueError(f"{CONFIG_KEY} config must be a JSON object, got {raw!r}")
         known = {"vector", "vectors", "default_vector", "layer", "gamma", "mode", "enforce",
                  "expert_model", "expert_dtype", "expert_shares_weights", "lam",
-                 "allow_other_model_vectors", "vector_dir"}
+                 "allow_other_model_vectors", "vector_dir", "probe", "probe_threshold",
+                 "defence"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(
@@ -132,6 +147,19 @@ class SafeInferConfig:
             raise ValueError(f"{CONFIG_KEY}.expert_shares_weights needs an expert_model (an "
                              "`ablate` expert) and no expert_dtype: the expert runs on the "
                              "served model's own weights, in their dtype")
+        probe_threshold = raw.get("probe_threshold")
+        if probe_threshold is not None:
+            probe_threshold = check_number(f"{CONFIG_KEY}.probe_threshold", probe_threshold,
+                                           -math.inf, math.inf)
+        defence = raw.get("defence")
+        if defence is not None:
+            try:
+                defence = Mode.parse(defence)
+            except ValueError as exc:
+                raise ValueError(f"{CONFIG_KEY}.defence: {exc}") from None
+            if not defence.defends:
+                raise ValueError(f"{CONFIG_KEY}.defence must be sa, sgds or safeinfer (what "
+                                 f"`auto` runs on a flagged request), got {defence.value!r}")
         config = cls(
             vectors=vectors,
             default_vector=default_vector,
@@ -146,7 +174,13 @@ class SafeInferConfig:
             allow_other_model_vectors=allow_other,
             vector_dir=(None if raw.get("vector_dir") is None
                         else _path(f"{CONFIG_KEY}.vector_dir", raw["vector_dir"])),
+            probe=(None if raw.get("probe") is None
+                   else _path(f"{CONFIG_KEY}.probe", raw["probe"])),
+            probe_threshold=probe_threshold,
+            defence=defence,
         )
+        if defence is not None:
+            config.check_mode_supported(defence, f"{CONFIG_KEY}.defence", vector=None)
         config.check_mode_supported(config.mode, f"{CONFIG_KEY}.mode", vector=None)
         return config
 
@@ -164,7 +198,15 @@ class SafeInferConfig:
 
     def check_mode_supported(self, mode: Mode, key: str, vector: str | None) -> None:
         """A mode needs a vector (the named one or the default) to steer and an expert
-        to mix."""
+        to mix; `auto` needs a harm probe and a defence it can run."""
+        if mode is Mode.AUTO:
+            if self.probe is None:
+                raise ValueError(f"{key} 'auto' needs a harm probe, and none is configured "
+                                 f"({CONFIG_KEY}.probe: a `safeinfer probe build` file)")
+            if self.default_defence is None:
+                raise ValueError(f"{key} 'auto' needs a defence to run on flagged requests: "
+                                 f"configure a vector or an expert_model")
+            return
         if mode.steers and vector is None and self.default_vector is None:
             raise ValueError(
                 f"{key} {mode.value!r} needs a safety vector, and no default is configured "
@@ -185,6 +227,8 @@ class SafeInferConfig:
         out = asdict(self)
         out["vectors"] = dict(self.vectors)
         out["mode"] = self.mode.value
+        if self.defence is not None:
+            out["defence"] = self.defence.value
         return {k: v for k, v in out.items() if v is not None}
 
 

@@ -49,10 +49,18 @@ def expert_recipe(expert: str) -> str:
 
 
 def demo_points(defaults: Mapping[str, Any]) -> tuple[Point, ...]:
-    """`off`, then each mode at the calibrated strengths."""
+    """`off`, then each mode at the calibrated strengths, and where calibration chose mode
+    `auto`, its gated defence at those strengths."""
+    from vllm_safeinfer.modes import Mode
+
     gamma, lam = defaults.get("gamma"), defaults.get("lam")
-    return (Point("off"), Point("sa", gamma=gamma), Point("sgds", lam=lam),
-            Point("safeinfer", gamma=gamma, lam=lam))
+    points = [Point("off"), Point("sa", gamma=gamma), Point("sgds", lam=lam),
+              Point("safeinfer", gamma=gamma, lam=lam)]
+    if defaults.get("mode") == Mode.AUTO.value:
+        defence = Mode(defaults["defence"])
+        points.append(Point(f"auto:{defence.value}", gamma=gamma if defence.steers else None,
+                            lam=lam if defence.mixes else None))
+    return tuple(points)
 
 
 def point_rows(summary: Mapping[str, Any], datasets: Sequence[str]) -> list[dict[str, Any]]:
@@ -89,6 +97,8 @@ def run_demo(*, model: str, vector: str, expert: str, defaults: Mapping[str, Any
     from vllm_safeinfer.harmeval.run import HarmEvalSettings, read_records, run_harmeval
 
     safeinfer = {"vector": vector, "expert_model": expert}
+    if defaults.get("probe") is not None:
+        safeinfer.update({k: defaults[k] for k in ("probe", "probe_threshold") if k in defaults})
     settings = HarmEvalSettings(
         model=model, datasets=tuple(datasets), points=demo_points(defaults),
         judges=("keyword", "xstest"), limit=limit, max_tokens=max_tokens, safeinfer=safeinfer,

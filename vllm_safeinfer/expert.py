@@ -6,43 +6,48 @@ same block table as the served model (no scheduler change; their KV comes out of
 block budget). The served model's `forward` then also runs the expert on the same tokens
 and positions, never steered, and returns both hidden states side by side;
 `compute_logits` splits them, returns the served model's logits and keeps the expert's
-for the logits processor. The expert runs on every token of every step, whatever the
-requests' modes: a block of KV it skipped could later be reused through prefix caching
-(or by a request whose mode needs it) and would hold garbage.
+for the logits processor. It runs only on the rows that need it (`expert_rows.py`):
+mixing rows, less the decode tokens of gated rows the harm probe let through.
 
 An `ablate` expert can instead share the served model's weights
 (`expert_shares_weights`, `shared_expert.py`): then only its KV cache costs memory.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from vllm_safeinfer.config import SafeInferConfig
+from vllm_safeinfer.expert_rows import ExpertRowPlanner, expert_inputs
 
 MODEL_TAG = "safeinfer_expert"
 
 
 class ExpertLogits:
     """The expert's logits of the current step, handed from `compute_logits` to the
-    logits processor (same rows, same order), and the expert module that made them."""
+    logits processor, and the expert module that made them. `rows` (host indices into
+    the batch) says which rows the logits are of; None means all, in order."""
 
     def __init__(self, dtype: torch.dtype, model: nn.Module) -> None:
         self.dtype = dtype  # what the expert's weights are in
         self.model = model
-        self._logits: torch.Tensor | None = None
+        self.planner: ExpertRowPlanner | None = None
+        self.planned_rows: torch.Tensor | None = None  # the last forward's plan
+        self._batch: tuple[int, torch.Tensor | None, torch.Tensor] | None = None
 
-    def put(self, logits: torch.Tensor) -> None:
-        self._logits = logits
+    def put(self, num_rows: int, rows: torch.Tensor | None, logits: torch.Tensor) -> None:
+        self._batch = (num_rows, rows, logits)
 
-    def take(self, num_rows: int) -> torch.Tensor:
-        logits, self._logits = self._logits, None
-        if logits is None or logits.shape[0] != num_rows:
+    def take(self, num_rows: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        batch, self._batch = self._batch, None
+        if batch is None or batch[0] != num_rows:
             raise RuntimeError(
                 "SafeInfer: the expert's logits are missing or misaligned with the batch "
-                f"({None if logits is None else logits.shape[0]} rows for {num_rows})"
+                f"({None if batch is None else batch[0]} rows for {num_rows})"
             )
-        return logits
+        return batch[1], batch[2]
 
 
 def expert_model_config(config: SafeInferConfig, base_model_config):
@@ -105,8 +110,10 @@ def check_expert_compatible(config: SafeInferConfig, base_model_config) -> None:
                 "fp32 model works)")
 
 
-def install_expert(model: nn.Module, vllm_config, config: SafeInferConfig) -> ExpertLogits:
-    """Load the expert next to `model` and route its logits to the returned holder."""
+def install_expert(model: nn.Module, vllm_config, config: SafeInferConfig,
+                   planner_of: Callable[[list[str]], ExpertRowPlanner]) -> ExpertLogits:
+    """Load the expert next to `model` and route its logits to the returned holder;
+    `planner_of(expert attention layer names)` plans which rows it runs on."""
     from vllm.compilation.backends import set_model_tag
     from vllm.config import set_current_vllm_config
     from vllm.config.utils import replace
@@ -125,22 +132,55 @@ def install_expert(model: nn.Module, vllm_config, config: SafeInferConfig) -> Ex
     expert_dtype = next(expert.parameters()).dtype
     holder = ExpertLogits(expert_dtype, expert)
     base_hidden = vllm_config.model_config.get_hidden_size()
+    expert_hidden_size = expert.config.get_text_config().hidden_size
+    planner = planner_of(attention_layer_names(expert))
+    holder.planner = planner
     base_forward = model.forward
     base_compute_logits = model.compute_logits
 
     # The pair travels in the served model's dtype (vLLM sizes its buffers by it); each
     # half goes back to its own model's dtype for its lm_head. An expert in a lower
-    # precision (a bf16 expert beside an fp32 model) round-trips exactly.
+    # precision (a bf16 expert beside an fp32 model) round-trips exactly. Tokens the
+    # expert skips get zeros: no mix reads them.
     def forward(input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         hidden = base_forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
-        expert_hidden = expert(input_ids, positions, None, None)
-        return torch.cat([hidden, expert_hidden.to(hidden.dtype)], dim=-1)
+        plan = planner.plan(input_ids.shape[0])
+        holder.planned_rows = None if plan is None else plan.logit_rows
+        if plan is None or plan.tokens is None:
+            expert_hidden = expert(input_ids, positions, None, None).to(hidden.dtype)
+        else:
+            expert_hidden = hidden.new_zeros(hidden.shape[0], expert_hidden_size)
+            if plan.tokens.numel():
+                with expert_inputs(plan):
+                    ran = expert(input_ids[plan.tokens], positions[plan.tokens], None, None)
+                expert_hidden[plan.tokens] = ran.to(hidden.dtype)
+        return torch.cat([hidden, expert_hidden], dim=-1)
 
     def compute_logits(hidden_states: torch.Tensor):
-        holder.put(expert.compute_logits(hidden_states[..., base_hidden:].to(expert_dtype)))
+        num_rows = hidden_states.shape[0]
+        rows = holder.planned_rows
+        if rows is not None and (rows.numel() and int(rows.max()) >= num_rows):
+            rows = None  # not the planned step's rows (a dummy sampler run)
+        expert_states = hidden_states[..., base_hidden:].to(expert_dtype)
+        if rows is not None:
+            expert_states = expert_states[rows.to(expert_states.device)]
+        if expert_states.shape[0]:
+            holder.put(num_rows, rows, expert.compute_logits(expert_states))
+        else:
+            holder.put(num_rows, rows, expert_states.new_empty(0, 0))
         return base_compute_logits(hidden_states[..., :base_hidden])
 
     # Instance attributes: nn.Module.__call__ picks them up, the class stays untouched.
     model.forward = forward
     model.compute_logits = compute_logits
     return holder
+
+
+def attention_layer_names(expert: nn.Module) -> list[str]:
+    """The forward-context names of the expert's attention layers."""
+    from vllm.model_executor.layers.attention import Attention
+
+    names = [m.layer_name for m in expert.modules() if isinstance(m, Attention)]
+    if not names:
+        raise RuntimeError("SafeInfer: the expert model has no attention layers vLLM knows")
+    return names

@@ -19,6 +19,7 @@ from types import ModuleType
 
 from vllm_safeinfer.config import SafeInferConfig
 from vllm_safeinfer.metrics import note_mode
+from vllm_safeinfer.modes import Mode
 from vllm_safeinfer.request_options import resolve_or_defaults
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def install() -> None:
         config = getattr(self, "_safeinfer_config", None)
         if config is not None and request.sampling_params is not None:
             settings, _ = resolve_or_defaults(request.sampling_params.extra_args, config)
-            note_mode(request_id, settings.mode)
+            note_mode(request_id, Mode.AUTO if settings.gated else settings.mode)
         return request
 
     InputProcessor.__init__ = __init__

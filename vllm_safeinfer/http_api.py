@@ -3,7 +3,9 @@ point (`--middleware`, which `safeinfer serve` passes for you):
 
 - `GET /v1/safeinfer` shows the server's SafeInfer configuration, read-only. Request
   paths never name files, and the response shows none (vectors by name, the expert by
-  its folder's name).
+  its folder's name, the harm probe by its layer and threshold).
+- `GET /v1/safeinfer/gate/{id}` gives the harm probe's verdict on a request in mode
+  `auto` (`id`: the completion's `id`), from the workers; 404 when none is known.
 - Completion and chat requests have their `vllm_xargs` SafeInfer options validated as
   the client wrote them, before vLLM's request model converts them: it turns `true` into
   1 for a field that takes strings and numbers, so a `"safeinfer_gamma": true` would
@@ -27,6 +29,7 @@ from vllm_safeinfer.config import SafeInferConfig
 
 PATH = "/v1/safeinfer"
 VECTORS_PATH = "/v1/safeinfer/vectors"
+GATE_PATH = "/v1/safeinfer/gate/"
 VECTOR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 MIDDLEWARE = f"{__name__}.safeinfer_endpoints"
@@ -39,6 +42,14 @@ def describe(config: SafeInferConfig | None, model_config) -> dict[str, Any]:
     if config is None:
         return {"configured": False}
     table = VectorTable(config, model_config)
+    probe = None
+    if config.probe is not None:
+        from vllm_safeinfer.probe import HarmProbe
+
+        loaded = HarmProbe.load(config.probe)
+        probe = {"layer": loaded.layer, "normalize": loaded.normalize, "method": loaded.method,
+                 "threshold": (loaded.threshold if config.probe_threshold is None
+                               else config.probe_threshold)}
     return {
         "configured": True,
         "vectors": {name: {"layer": entry.layer, "default_gamma": entry.gamma,
@@ -47,7 +58,10 @@ def describe(config: SafeInferConfig | None, model_config) -> dict[str, Any]:
         "default_vector": config.default_vector,
         "expert": None if config.expert_model is None else Path(config.expert_model).name,
         "expert_dtype": config.expert_dtype,
-        "defaults": {"mode": config.mode.value, "gamma": config.gamma, "lam": config.lam},
+        "defaults": {"mode": config.mode.value, "gamma": config.gamma, "lam": config.lam,
+                     "defence": None if config.default_defence is None
+                     else config.default_defence.value},
+        "probe": probe,
         "enforce": config.enforce,
     }
 
@@ -100,11 +114,14 @@ async def safeinfer_endpoints(request, call_next: Callable[[Any], Awaitable[Any]
     if request.url.path in GENERATION_PATHS and request.method == "POST":
         error = await check_options(request)
         return bad_request(error) if error else await call_next(request)
-    if request.url.path not in (PATH, VECTORS_PATH):
+    gate = request.url.path.startswith(GATE_PATH)
+    if request.url.path not in (PATH, VECTORS_PATH) and not gate:
         return await call_next(request)
     state = request.app.state
     if not authorized(request.headers, api_keys(state.args)):
         return JSONResponse({"error": "unauthorized: send the server's API key"}, 401)
+    if gate:
+        return await gate_decision(request, request.url.path[len(GATE_PATH):])
     if request.url.path == VECTORS_PATH:
         if request.method != "POST":
             return JSONResponse({"error": f"{VECTORS_PATH} takes POST"}, 405)
@@ -114,6 +131,23 @@ async def safeinfer_endpoints(request, call_next: Callable[[Any], Awaitable[Any]
     if not hasattr(state, "safeinfer_description"):
         state.safeinfer_description = describe(_config(state), state.vllm_config.model_config)
     return JSONResponse(state.safeinfer_description)
+
+
+async def gate_decision(request, request_id: str):
+    """The harm probe's verdict on `request_id`, as the first worker recorded it."""
+    from fastapi.responses import JSONResponse
+
+    if request.method != "GET":
+        return JSONResponse({"error": f"{GATE_PATH}ID is read-only: use GET"}, 405)
+    if _config(request.app.state) is None or not request_id:
+        return JSONResponse({"error": "no gate decision: SafeInfer is not configured"}, 404)
+    found = await request.app.state.engine_client.collective_rpc(
+        "safeinfer_gate_decisions", args=([request_id],))
+    decision = found[0].get(request_id) if found else None
+    if decision is None:
+        return JSONResponse({"error": f"no gate decision for {request_id!r} (not in mode "
+                                      "auto, unfinished, or forgotten)"}, 404)
+    return JSONResponse({"id": request_id, **decision})
 
 
 async def publish(request):

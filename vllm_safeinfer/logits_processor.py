@@ -2,8 +2,9 @@
 
 It validates request options at the frontend (`validate_params`: a ValueError there is
 an HTTP 400 and the engine keeps serving), tracks which batch row runs which settings
-(`update_state`, called before every forward, so it also feeds the steering kernel), and
-mixes the unsafe expert's distribution into the rows that ask for it (`apply`).
+(`update_state`, called before every forward, so it also feeds the steering kernel and
+collects the harm probe's verdicts), and mixes the unsafe expert's distribution into
+the rows that ask for it and that the probe did not let through (`apply`).
 """
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from vllm_safeinfer import frontend
 from vllm_safeinfer.batch_state import BatchState, VectorTable
 from vllm_safeinfer.config import SafeInferConfig
 from vllm_safeinfer.expert import ExpertLogits
+from vllm_safeinfer.gate_log import GateLog
 from vllm_safeinfer.kernels.mix import mix_
 from vllm_safeinfer.metrics import counters
-from vllm_safeinfer.prefix_cache import VERSION_ARG
+from vllm_safeinfer.modes import Mode
+from vllm_safeinfer.prefix_cache import REQUEST_ARG, VERSION_ARG
 from vllm_safeinfer.request_options import resolve_or_defaults, resolve_request
 
 logger = logging.getLogger(__name__)
@@ -40,6 +43,8 @@ class SafeInferLogitsProcessor(LogitsProcessor):
         self.config = SafeInferConfig.from_additional_config(vllm_config.additional_config)
         self.state: BatchState | None = None
         self.expert: ExpertLogits | None = None
+        self.gate_log = GateLog()
+        self._row_requests: dict[int, tuple[str | None, Mode]] = {}
         if self.config is None:
             return
         model_config = vllm_config.model_config
@@ -59,33 +64,66 @@ class SafeInferLogitsProcessor(LogitsProcessor):
         state = self.state
         if state is None:
             return
+        self.collect_verdicts()  # the last forward's, before its rows move or leave
         if batch_update is not None:
+            rows = self._row_requests
             for row in batch_update.removed:
                 state.clear_row(row)
+                rows.pop(row, None)
             for row, params, prompt_ids, _ in batch_update.added:
                 # Never raise here: an error would kill the engine for every request.
-                settings, error = resolve_or_defaults(params.extra_args, self.config)
+                extra_args = params.extra_args or {}
+                settings, error = resolve_or_defaults(extra_args, self.config)
                 if error is not None:
                     logger.warning("SafeInfer: a request's options do not resolve (%s); it "
                                    "runs with the server's defaults", error)
-                version = (params.extra_args or {}).get(VERSION_ARG, 0)
-                state.set_row(row, settings, len(prompt_ids or ()), version)
+                state.set_row(row, settings, len(prompt_ids or ()),
+                              extra_args.get(VERSION_ARG, 0))
+                rows[row] = (extra_args.get(REQUEST_ARG), settings.mode)
             for a, b, direction in batch_update.moved:
                 if direction == MoveDirectionality.SWAP:
                     state.swap(a, b)
+                    rows[a], rows[b] = rows.get(b), rows.get(a)
                 else:
                     state.move(a, b)
+                    rows[b] = rows.pop(a, None)
+            for row in [r for r, v in rows.items() if v is None]:
+                del rows[row]
         state.flush()
+
+    def collect_verdicts(self) -> None:
+        """Log the harm probe's verdicts taken since the last call (also called between
+        steps by `Worker.safeinfer_gate_decisions`: after a request's last step the
+        engine may not step again for a while)."""
+        if self.state is None:
+            return
+        for row, flagged, score in self.state.read_verdicts():
+            request_id, defence = self._row_requests.get(row, (None, Mode.OFF))
+            self.gate_log.record(request_id, defence, flagged, score)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         state, expert = self.state, self.expert
         num_rows = logits.shape[0]
         if state is None or expert is None or not state.any_mixing(num_rows):
             return logits
-        mixing = state.mixes[:num_rows]
+        rows, expert_logits = expert.take(num_rows)
+        # Rows whose mode mixes, less gated rows the probe has not flagged (decided on
+        # the device in this very forward for a request's first token).
+        mixing = state.mixes[:num_rows] & state.defended(num_rows)
+        lam = state.lam[:num_rows]
+        if rows is None:
+            self._mix(logits, expert_logits, lam, mixing)
+        elif rows.numel():
+            index = rows.to(logits.device)
+            part = logits[index]
+            self._mix(part, expert_logits, lam[index], mixing[index])
+            logits[index] = part
+        return logits
+
+    def _mix(self, logits: torch.Tensor, expert_logits: torch.Tensor, lam: torch.Tensor,
+             mixing: torch.Tensor) -> None:
         before = logits[:, :self.vocab_size].argmax(dim=-1)
-        mix_(logits, expert.take(num_rows), state.lam[:num_rows], mixing, self.vocab_size)
+        mix_(logits, expert_logits, lam, mixing, self.vocab_size)
         changed = int(((logits[:, :self.vocab_size].argmax(dim=-1) != before) & mixing).sum())
         if changed:
             counters()["changed"].inc(changed)
-        return logits

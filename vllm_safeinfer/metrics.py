@@ -10,6 +10,8 @@
   (`PROMETHEUS_MULTIPROC_DIR`, as vLLM does for several API servers); under plain `vllm
   serve`, set that variable to a fresh folder to see it. Rows the sampler processes in
   the middle of a chunked prefill count too: the logits processor cannot tell them apart.
+- `vllm_safeinfer:gate_decisions_total{defence, decision}`: requests in mode `auto` the
+  harm probe flagged or let through, counted in the worker (multiprocess mode as above).
 """
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ def counters():
                           "Generated tokens of finished requests, by SafeInfer mode", ["mode"]),
         "changed": Counter("vllm_safeinfer:mixing_changed_tokens",
                            "Sampled rows whose argmax mixing with the unsafe expert changed"),
+        "gate": Counter("vllm_safeinfer:gate_decisions",
+                        "Requests in mode auto the harm probe flagged (they ran their "
+                        "defence) or let through (they ran as off)", ["defence", "decision"]),
     }
 
 

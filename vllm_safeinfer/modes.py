@@ -1,4 +1,4 @@
-"""The four SafeInfer modes a request can run in."""
+"""The SafeInfer modes a request can run in."""
 from __future__ import annotations
 
 from enum import Enum
@@ -6,12 +6,19 @@ from enum import Enum
 
 class Mode(str, Enum):
     """`sa` steers (safety amplification), `sgds` mixes in the expert (safety-guided
-    decoding), `safeinfer` does both, `off` neither."""
+    decoding), `safeinfer` does both, `off` neither. `auto` lets the harm probe decide
+    per request: a flagged request runs its defence (one of the three), the others `off`."""
 
     OFF = "off"
     SA = "sa"
     SGDS = "sgds"
     SAFEINFER = "safeinfer"
+    AUTO = "auto"
+
+    @property
+    def defends(self) -> bool:
+        """A defence `auto` can run: `sa`, `sgds` or `safeinfer`."""
+        return self.steers or self.mixes
 
     @property
     def steers(self) -> bool:

@@ -86,7 +86,11 @@ def check_startup(vllm_config, config: SafeInferConfig) -> None:
     from vllm_safeinfer.vectors import SafetyVector
 
     check_supported(vllm_config)
-    VectorTable(config, vllm_config.model_config)
+    table = VectorTable(config, vllm_config.model_config)
+    if config.probe is not None:
+        from vllm_safeinfer.worker import load_probe
+
+        load_probe(config, vllm_config.model_config, table.layers)
     for path in config.vectors.values():
         check_vector_model(SafetyVector.load(path), vllm_config.model_config,
                            allow_other_model=config.allow_other_model_vectors)
@@ -152,3 +156,10 @@ def _hook_worker() -> None:
         publish_vector(self, name, path, version)
 
     Worker.safeinfer_publish_vector = safeinfer_publish_vector
+
+    def safeinfer_gate_decisions(self, request_ids: list[str]) -> dict[str, dict]:
+        from vllm_safeinfer.worker import gate_decisions
+
+        return gate_decisions(self, request_ids)
+
+    Worker.safeinfer_gate_decisions = safeinfer_gate_decisions

@@ -1,11 +1,20 @@
-"""Prefix caching that stays correct under steering (engine-core side).
+"""Prefix caching that stays correct under steering, gating and a partly-run expert
+(engine-core side).
 
 Steering changes the KV cache from a request's last prompt token on (every later layer
 and token sees the added vector). So a full block that contains a steered position may
 only be reused by a request steered the same way with the same prompt boundary, while
 blocks before that position hold plain KV and stay shareable with everyone (a shared
 system prompt keeps its cache hits). vLLM chains block hashes, so adding a key to the
-first steered block separates every block after it too.
+first steered block separates every block after it too. A gated request (mode `auto`)
+is keyed the same way, with its probe in the key: its KV from the last prompt token on
+depends on the probe's verdict, which depends on the prompt alone, so requests that
+share such a block share the verdict.
+
+The unsafe expert writes its KV only for rows that mix (`expert_rows.py`), so every block
+of a mixing request carries one more key: mixing requests share blocks among
+themselves (all hold the expert's KV) and never with `off` or `sa` requests (whose
+blocks lack it).
 
 The engine core decides each request's steering identity itself, from the request's own
 options and its own config, as the request arrives (`EngineCore.preprocess_add_request`,
@@ -26,26 +35,30 @@ logger = logging.getLogger(__name__)
 
 KV_KEY_ARG = "_safeinfer_kv"
 VERSION_ARG = "_safeinfer_vector_version"
-STAMPS = (KV_KEY_ARG, VERSION_ARG)
+EXPERT_KV_ARG = "_safeinfer_expert_kv"
+REQUEST_ARG = "_safeinfer_request"
+STAMPS = (KV_KEY_ARG, VERSION_ARG, EXPERT_KV_ARG, REQUEST_ARG)
+EXPERT_KEY = ("safeinfer", "expert-kv")
 
 
-def steering_block_key(request, end_token_idx: int) -> tuple | None:
-    """Extra hash key for the block ending at `end_token_idx` (exclusive), or None."""
+def steering_block_key(request, end_token_idx: int) -> list[tuple]:
+    """Extra hash keys for the block ending at `end_token_idx` (exclusive)."""
     params = request.sampling_params
-    key = (params.extra_args or {}).get(KV_KEY_ARG) if params is not None else None
-    if key is None:
-        return None
-    boundary = request.num_prompt_tokens - 1  # the first steered position
-    if end_token_idx <= boundary:
-        return None
-    return ("safeinfer", key, boundary)
+    extra_args = (params.extra_args or {}) if params is not None else {}
+    keys = [EXPERT_KEY] if extra_args.get(EXPERT_KV_ARG) else []
+    key = extra_args.get(KV_KEY_ARG)
+    boundary = request.num_prompt_tokens - 1  # the first steered or gated position
+    if key is not None and end_token_idx > boundary:
+        keys.append(("safeinfer", key, boundary))
+    return keys
 
 
 def stamp_steering_identity(request, config: SafeInferConfig | None,
-                            versions: dict[str, int]) -> None:
-    """Write the engine core's own steering identity (and the version of the vector it
-    steers with, which the worker reads) into an `EngineCoreRequest`'s `extra_args`,
-    replacing whatever the request carried under those keys."""
+                            versions: dict[str, int], gate: str = "") -> None:
+    """Write the engine core's own cache identity (steering, gating, the expert's KV),
+    the version of the vector it steers with and the request's id (both read by the
+    worker) into an `EngineCoreRequest`'s `extra_args`, replacing whatever the request
+    carried under those keys. `gate` identifies the server's harm probe."""
     params = request.sampling_params
     if params is None:
         return
@@ -56,11 +69,28 @@ def stamp_steering_identity(request, config: SafeInferConfig | None,
             logger.warning("SafeInfer: request %s reached the engine with options that do not "
                            "resolve (%s); it runs with the server's defaults",
                            request.request_id, error)
+        version = versions.get(settings.vector, 0) if settings.mode.steers else 0
+        key = settings.kv_key(version, gate)
+        if key is not None:
+            extra_args[KV_KEY_ARG] = key
         if settings.mode.steers:
-            version = versions.get(settings.vector, 0)
-            extra_args[KV_KEY_ARG] = settings.kv_key(version)
             extra_args[VERSION_ARG] = version
+        if settings.mode.mixes:
+            extra_args[EXPERT_KV_ARG] = True
+        extra_args[REQUEST_ARG] = getattr(request, "external_req_id", None) or request.request_id
     params.extra_args = extra_args or None
+
+
+def gate_identity(config: SafeInferConfig | None) -> str:
+    """What a gated request's cache identity names of the probe: its content and the
+    threshold in force."""
+    if config is None or config.probe is None:
+        return ""
+    from vllm_safeinfer.probe import HarmProbe
+
+    probe = HarmProbe.load(config.probe)
+    threshold = probe.threshold if config.probe_threshold is None else config.probe_threshold
+    return f"{probe.content_sha256()[:16]}@{threshold!r}"
 
 
 def install() -> None:
@@ -74,7 +104,7 @@ def install() -> None:
     def _gen_prompt_embeds_extra_hash_keys(request, start_token_idx, end_token_idx):
         keys = original_keys(request, start_token_idx, end_token_idx)
         extra = steering_block_key(request, end_token_idx)
-        return keys if extra is None else [*keys, extra]
+        return [*keys, *extra] if extra else keys
 
     original_preprocess = EngineCore.preprocess_add_request
 
@@ -83,10 +113,11 @@ def install() -> None:
             self._safeinfer_config = SafeInferConfig.from_additional_config(
                 self.vllm_config.additional_config)
             self._safeinfer_versions = {}
+            self._safeinfer_gate = gate_identity(self._safeinfer_config)
         return self._safeinfer_config, self._safeinfer_versions
 
     def preprocess_add_request(self, request):
-        stamp_steering_identity(request, *safeinfer_state(self))
+        stamp_steering_identity(request, *safeinfer_state(self), gate=self._safeinfer_gate)
         return original_preprocess(self, request)
 
     def safeinfer_publish_vector(self, name: str, path: str, version: int) -> None:

@@ -17,6 +17,7 @@ import torch
 from vllm_safeinfer.mixing import safeinfer_mix
 from vllm_safeinfer.modes import Mode
 from vllm_safeinfer.offline.hf import left_pad, load_causal_lm, load_model, pad_id, positions
+from vllm_safeinfer.probe import HarmProbe
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class RowSettings:
 
     `vector` ([hidden], fp32) is added, times `gamma`, to the OUTPUT hidden state of decoder
     layer `layer` when the mode steers; `lam` weighs the expert when the mode mixes.
+    `gated` (mode `auto`): the row runs `mode` only if the harm probe flags its prompt,
+    else `off`.
     """
 
     mode: Mode = Mode.OFF
@@ -32,6 +35,7 @@ class RowSettings:
     layer: int | None = None
     gamma: float = 0.0
     lam: float = 0.99
+    gated: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", Mode.parse(self.mode))
@@ -80,8 +84,14 @@ class SafeInferReference:
         top_p: float = 1.0,
         seed: int | None = None,
         ignore_eos: bool = False,
+        probe: HarmProbe | None = None,
+        threshold: float | None = None,
     ) -> list[list[int]]:
         """Generated token ids per prompt (without the prompt; eos included when emitted).
+
+        Gated rows are decided first by `probe` (at `threshold`, default the probe's):
+        the verdict reads the unsteered prompt only, so deciding before generating is
+        the same as deciding inside the first forward, as the engine does.
 
         temperature 0 is greedy argmax; otherwise ancestral sampling from
         softmax(scores / temperature) after top-k (0 = off) and top-p filtering, with a
@@ -91,6 +101,12 @@ class SafeInferReference:
         rows = self._row_settings(settings, len(prompts))
         if any(not p for p in prompts):
             raise ValueError("empty prompt")
+        if any(r.gated for r in rows):
+            if probe is None:
+                raise ValueError("gated rows need a harm probe")
+            verdicts = self.gate_verdicts(prompts, probe, threshold)
+            rows = [RowSettings() if r.gated and not flagged else r
+                    for r, (flagged, _) in zip(rows, verdicts)]
         if temperature < 0 or not 0.0 < top_p <= 1.0:
             raise ValueError(f"bad sampling parameters: temperature={temperature}, top_p={top_p}")
         device = self.model.device
@@ -140,6 +156,18 @@ class SafeInferReference:
             return [[] for _ in prompts]
         out = torch.stack(tokens, dim=1).tolist()
         return [row[:n] for row, n in zip(out, lengths.tolist())]
+
+    @torch.inference_mode()
+    def gate_verdicts(self, prompts: list[list[int]], probe: HarmProbe,
+                      threshold: float | None = None) -> list[tuple[bool, float]]:
+        """(flagged, score) per prompt: `probe` on the residual stream after its layer at
+        the last prompt token."""
+        threshold = probe.threshold if threshold is None else threshold
+        ids, mask = left_pad(prompts, self.pad_id, self.model.device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                         output_hidden_states=True, use_cache=False, logits_to_keep=1)
+        scores = probe.scores(out.hidden_states[probe.layer + 1][:, -1])
+        return [(score > threshold, score) for score in scores.tolist()]
 
     def _row_settings(
         self, settings: RowSettings | Sequence[RowSettings], batch: int

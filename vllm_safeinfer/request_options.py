@@ -16,28 +16,36 @@ MODE_KEY = "safeinfer_mode"
 GAMMA_KEY = "safeinfer_gamma"
 VECTOR_KEY = "safeinfer_vector"
 LAM_KEY = "safeinfer_lam"
-REQUEST_KEYS = (MODE_KEY, GAMMA_KEY, VECTOR_KEY, LAM_KEY)
+DEFENCE_KEY = "safeinfer_defence"
+REQUEST_KEYS = (MODE_KEY, GAMMA_KEY, VECTOR_KEY, LAM_KEY, DEFENCE_KEY)
 
 
 @dataclass(frozen=True)
 class RequestSettings:
     """What one request runs with. `gamma` None means the server's default (config, then
-    the vector file); `vector` is None unless the mode steers, `lam` unless it mixes."""
+    the vector file); `vector` is None unless the mode steers, `lam` unless it mixes.
+    `gated` (mode `auto`): `mode` is the defence, run only if the harm probe flags the
+    prompt; otherwise the request runs as `off`."""
 
     mode: Mode
     vector: str | None = None
     gamma: float | None = None
     lam: float | None = None
+    gated: bool = False
 
-    def kv_key(self, version: int = 0) -> str | None:
-        """Identity of the steering that shapes this request's KV cache (None when
-        unsteered): requests with different keys must never share prefix-cache blocks
-        from the first steered position on. `version` counts the vector's publications
-        (0: as configured at start-up)."""
-        if not self.mode.steers:
+    def kv_key(self, version: int = 0, gate: str = "") -> str | None:
+        """Identity of what shapes this request's KV cache from its last prompt token on
+        (None when nothing does): requests with different keys must never share
+        prefix-cache blocks from there on. `version` counts the vector's publications
+        (0: as configured at start-up); `gate` names the harm probe of a gated request,
+        whose KV depends on the probe's decision (steered or not, the expert's KV
+        written or skipped)."""
+        if not self.mode.steers and not self.gated:
             return None
         gamma = "default" if self.gamma is None else repr(self.gamma)
-        return hashlib.sha256(f"{self.vector}|{version}|{gamma}".encode()).hexdigest()[:16]
+        steering = f"{self.vector}|{version}|{gamma}" if self.mode.steers else "unsteered"
+        gating = f"|auto:{self.mode.value}:{gate}" if self.gated else ""
+        return hashlib.sha256(f"{steering}{gating}".encode()).hexdigest()[:16]
 
 
 def resolve_request(extra_args: Mapping[str, Any] | None,
@@ -63,11 +71,28 @@ def resolve_request(extra_args: Mapping[str, Any] | None,
             "from the request"
         )
     mode = config.mode
+    mode_key = MODE_KEY if MODE_KEY in given else f"{CONFIG_KEY}.mode"
     if MODE_KEY in given:
         try:
             mode = Mode.parse(given[MODE_KEY])
         except ValueError as exc:
             raise ValueError(f"{MODE_KEY}: {exc}") from None
+    gated = mode is Mode.AUTO
+    if DEFENCE_KEY in given and not gated:
+        raise ValueError(f"{DEFENCE_KEY} has no effect in mode {mode.value!r}; it names what "
+                         "mode 'auto' runs on a flagged request")
+    if gated:
+        config.check_mode_supported(mode, mode_key, vector=None)
+        mode = config.default_defence
+        if DEFENCE_KEY in given:
+            try:
+                mode = Mode.parse(given[DEFENCE_KEY])
+            except ValueError as exc:
+                raise ValueError(f"{DEFENCE_KEY}: {exc}") from None
+            if not mode.defends:
+                raise ValueError(f"{DEFENCE_KEY} must be sa, sgds or safeinfer, got "
+                                 f"{mode.value!r}")
+        mode_key = DEFENCE_KEY if DEFENCE_KEY in given else f"{CONFIG_KEY}.defence"
     vector = given.get(VECTOR_KEY)
     if vector is not None:
         if not isinstance(vector, str) or vector not in config.vectors:
@@ -83,13 +108,13 @@ def resolve_request(extra_args: Mapping[str, Any] | None,
             raise ValueError(
                 f"{key} has no effect in mode {mode.value!r}, which does not {what}"
             )
-    config.check_mode_supported(mode, MODE_KEY if MODE_KEY in given else f"{CONFIG_KEY}.mode",
-                                vector=vector)
+    config.check_mode_supported(mode, mode_key, vector=vector)
     if mode.mixes and lam is None:
         lam = config.lam
     if not mode.steers:
-        return RequestSettings(mode, lam=lam)
-    return RequestSettings(mode, vector=vector or config.default_vector, gamma=gamma, lam=lam)
+        return RequestSettings(mode, lam=lam, gated=gated)
+    return RequestSettings(mode, vector=vector or config.default_vector, gamma=gamma, lam=lam,
+                           gated=gated)
 
 
 def resolve_or_defaults(extra_args: Mapping[str, Any] | None, config: SafeInferConfig

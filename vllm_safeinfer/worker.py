@@ -8,7 +8,10 @@ import logging
 from vllm_safeinfer.compat import check_runner_internals
 from vllm_safeinfer.config import SafeInferConfig
 from vllm_safeinfer.expert import install_expert
+from vllm_safeinfer.expert_rows import ExpertRowPlanner
+from vllm_safeinfer.gating import install_probe
 from vllm_safeinfer.logits_processor import FQCN, SafeInferLogitsProcessor
+from vllm_safeinfer.probe import HarmProbe
 from vllm_safeinfer.steering import install_steering
 
 logger = logging.getLogger(__name__)
@@ -33,13 +36,23 @@ def install_into_worker(worker, config: SafeInferConfig) -> None:
     model = runner.get_model()
     check_runner_internals(runner, model)
     state = processor.state
+    query_start_loc = runner.query_start_loc.gpu
+    probe = None
+    if config.probe is not None:
+        probe = load_probe(config, runner.model_config, state.vectors.layers)
+        threshold = probe.threshold if config.probe_threshold is None else config.probe_threshold
+        install_probe(model, state, probe, threshold, query_start_loc)
+        state.gating = True
     if state.vectors.layers:
-        install_steering(model, state, runner.query_start_loc.gpu)
+        install_steering(model, state, query_start_loc)
     if config.has_expert:
-        processor.expert = install_expert(model, worker.vllm_config, config)
+        processor.expert = install_expert(
+            model, worker.vllm_config, config,
+            lambda layer_names: ExpertRowPlanner(runner, state, layer_names))
     logger.info(
-        "SafeInfer installed: steered layers %s, vectors %s, expert %s, default mode %s",
-        list(state.vectors.layers), sorted(state.vectors.entries), config.expert_model,
+        "SafeInfer installed: steered layers %s, vectors %s, expert %s, harm probe %s, "
+        "default mode %s", list(state.vectors.layers), sorted(state.vectors.entries),
+        config.expert_model, None if probe is None else f"layer {probe.layer}",
         config.mode.value,
     )
     for name, entry in sorted(state.vectors.entries.items()):
@@ -49,6 +62,28 @@ def install_into_worker(worker, config: SafeInferConfig) -> None:
             "unknown (the file records no residual norm)" if entry.dose is None
             else f"{entry.dose:.3g}",
         )
+
+
+def load_probe(config: SafeInferConfig, model_config, steered_layers) -> HarmProbe:
+    """The configured harm probe, checked against the model and the steered layers (the
+    verdict must be in place before any steering add of the same forward)."""
+    from vllm_safeinfer.model_identity import check_vector_model
+
+    probe = HarmProbe.load(config.probe)
+    probe.check_compatible(model_config)
+    check_vector_model(probe, model_config, allow_other_model=config.allow_other_model_vectors)
+    if steered_layers and probe.layer > min(steered_layers):
+        raise ValueError(f"{config.probe}: the harm probe reads layer {probe.layer}, above the "
+                         f"steered layer {min(steered_layers)}; its verdict must come at or "
+                         "below every steered layer (rebuild it with --vector)")
+    return probe
+
+
+def gate_decisions(worker, request_ids: list[str]) -> dict[str, dict]:
+    """`Worker.safeinfer_gate_decisions`: the harm probe's verdicts of `request_ids`."""
+    processor = find_logits_processor(worker.model_runner)
+    processor.collect_verdicts()
+    return processor.gate_log.lookup(list(request_ids))
 
 
 def publish_vector(worker, name: str, path: str, version: int) -> None:

@@ -3,8 +3,9 @@ origins, licenses and a content warning), the named sets built from them, and wh
 evaluation may run on.
 
 `readers` reads files, `splits` decides what each prompt is for (the one seeded split of
-AdvBench and XSTest, and the leak filter); this module names the sets and hands out
-evaluation sets with every prompt that the defence was built or tuned on removed.
+AdvBench, XSTest and HarmBench, and the leak filter); this module names the sets and
+hands out evaluation sets with every prompt that the defence was built or tuned on
+removed.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from vllm_safeinfer.data.readers import (
     AdvBenchRow,
     Prompt,
     advbench,
+    harmbench,
     harmless_instructions,
     load_harmeval,
     load_jsonl_records,
@@ -32,9 +34,11 @@ from vllm_safeinfer.data.splits import (
     CALIBRATION,
     DEMONSTRATIONS,
     EXPERT_TRAIN,
+    HARMBENCH_PROBE_SHARE,
     SPLIT_SEED,
     AdvBenchSplit,
     advbench_split,
+    harmbench_split,
     leak_filter,
     refusal_direction_split,
     twin_sets,
@@ -44,9 +48,11 @@ from vllm_safeinfer.data.splits import (
 
 __all__ = [
     "ADVBENCH", "CALIBRATION", "CALIBRATION_SETS", "DATASETS", "DEMONSTRATIONS",
-    "EXPERT_TRAIN", "HARMEVAL_CATEGORIES", "HARMEVAL_PREFIX", "JSONL_PREFIX", "SAFE_SETS",
+    "EXPERT_TRAIN", "HARMBENCH_PROBE_SHARE", "HARMEVAL_CATEGORIES", "HARMEVAL_PREFIX",
+    "JSONL_PREFIX", "SAFE_SETS",
     "SPLIT_SEED", "XSTEST", "AdvBenchRow", "AdvBenchSplit", "EvaluationSet", "Prompt",
-    "advbench", "advbench_split", "evaluation_set", "harmless_prompts", "load_dataset",
+    "advbench", "advbench_split", "evaluation_set", "harmbench_split", "harmless_prompts",
+    "load_dataset",
     "load_harmeval", "refusal_direction_split",
     "load_jsonl_records", "load_prompt_file", "prompts_sha256", "refusal_prefixes",
     "stratified_sample", "xstest_split",
@@ -60,11 +66,14 @@ DATASETS: tuple[str, ...] = (
     "advbench-eval",
     "advbench-calibration",
     "harmbench",
+    "harmbench-eval",
     "strongreject",
     XSTEST,
     "xstest-eval",
     "xstest-calibration",
     "xstest-unsafe",
+    "xstest-unsafe-eval",
+    "xstest-unsafe-calibration",
     "dangerousqa",
 )
 # Evaluation sets also name a user's local files: HarmEval is gated on the hub.
@@ -72,10 +81,13 @@ HARMEVAL_PREFIX = "harmeval:"
 JSONL_PREFIX = "jsonl:"
 # Sets of safe prompts: a refusal there is over-refusal, not a defence.
 SAFE_SETS = frozenset({XSTEST, "xstest-eval", "xstest-calibration"})
-# Sets the strengths are tuned on: no evaluation set unless the user says so.
-CALIBRATION_SETS = frozenset({"advbench-calibration", "xstest-calibration"})
+# Sets the strengths (and XSTest's, the harm probe) are tuned on: no evaluation set
+# unless the user says so.
+CALIBRATION_SETS = frozenset({"advbench-calibration", "xstest-calibration",
+                              "xstest-unsafe-calibration"})
 # As evaluation sets, the whole-dataset names mean their held-out parts.
-_EVALUATION_PARTS = {ADVBENCH: "advbench-eval", XSTEST: "xstest-eval"}
+_EVALUATION_PARTS = {ADVBENCH: "advbench-eval", XSTEST: "xstest-eval",
+                     "xstest-unsafe": "xstest-unsafe-eval", "harmbench": "harmbench-eval"}
 HARMEVAL_CATEGORIES: tuple[str, ...] = (
     "Illegal Activity", "Child Abuse Content", "Physical Harm", "Economic Harm",
     "Political Campaigning", "Malware", "Privacy Violation Activity",
@@ -98,10 +110,12 @@ def load_dataset(name: str) -> tuple[Prompt, ...]:
     """Prompts of a named set (see `DATASETS`), unfiltered.
 
     `harmbench` is HarmBench's 200 `standard` behaviours (contextual ones need their
-    context, copyright ones are not judged by refusal); `xstest` is XSTest's 250 safe
-    prompts (over-refusal), `xstest-calibration` and `xstest-eval` its halves
-    (`xstest_split()`), `xstest-unsafe` its 200 unsafe contrasts; `advbench-eval` and
-    `advbench-calibration` are those parts of `advbench_split()`.
+    context, copyright ones are not judged by refusal), `harmbench-eval` those outside
+    the harm probe's part (`harmbench_split()`); `xstest` is XSTest's 250 safe prompts
+    (over-refusal), `xstest-calibration` and `xstest-eval` its halves (`xstest_split()`),
+    `xstest-unsafe` its 200 unsafe contrasts, `xstest-unsafe-calibration` and
+    `xstest-unsafe-eval` their halves; `advbench-eval` and `advbench-calibration` are
+    those parts of `advbench_split()`.
     """
     if name == ADVBENCH:
         return tuple(Prompt(row.goal, None) for row in advbench())
@@ -113,12 +127,9 @@ def load_dataset(name: str) -> tuple[Prompt, ...]:
     if name == "advbench-calibration":
         return tuple(Prompt(row.goal, None) for row in advbench_split().calibration)
     if name == "harmbench":
-        rows = vendored_csv("harmbench/harmbench_behaviors_text_all.csv")
-        return tuple(
-            Prompt(row["Behavior"], row["SemanticCategory"])
-            for row in rows
-            if row["FunctionalCategory"] == "standard"
-        )
+        return harmbench()
+    if name == "harmbench-eval":
+        return harmbench_split()[1]
     if name == "strongreject":
         rows = vendored_csv("strongreject/strongreject_dataset.csv")
         return tuple(Prompt(row["forbidden_prompt"], row["category"]) for row in rows)
@@ -126,6 +137,8 @@ def load_dataset(name: str) -> tuple[Prompt, ...]:
         return xstest("safe" if name == XSTEST else "unsafe")
     if name in ("xstest-calibration", "xstest-eval"):
         return xstest_split()[name == "xstest-eval"]
+    if name in ("xstest-unsafe-calibration", "xstest-unsafe-eval"):
+        return xstest_split(label="unsafe")[name == "xstest-unsafe-eval"]
     if name == "dangerousqa":
         return tuple(Prompt(text, None) for text in vendored_json("dangerousqa/dangerousqa.json"))
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
@@ -133,12 +146,13 @@ def load_dataset(name: str) -> tuple[Prompt, ...]:
 
 def evaluation_set(name: str, *, allow_calibration_prompts: bool = False) -> EvaluationSet:
     """The prompts an evaluation of `name` runs on, every prompt with a twin in the
-    demonstration, expert-training or calibration parts removed.
+    demonstration, expert-training, harm-probe or calibration parts removed.
 
-    `advbench` and `xstest` mean their evaluation parts; `harmeval:PATH` a local copy of
-    HarmEval; `jsonl:PATH` a file of `{"prompt", "category"}` objects; other names as
-    `load_dataset`. The calibration sets are refused unless `allow_calibration_prompts`
-    (calibration itself), which also keeps prompts whose twin is a calibration prompt.
+    `advbench`, `harmbench`, `xstest` and `xstest-unsafe` mean their evaluation parts;
+    `harmeval:PATH` a local copy of HarmEval; `jsonl:PATH` a file of `{"prompt",
+    "category"}` objects; other names as `load_dataset`. The calibration sets are refused
+    unless `allow_calibration_prompts` (calibration itself), which also keeps prompts
+    whose twin is a calibration prompt.
     """
     if name.startswith(HARMEVAL_PREFIX):
         prompts = load_harmeval(name[len(HARMEVAL_PREFIX):])

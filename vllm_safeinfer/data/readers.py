@@ -60,6 +60,14 @@ def xstest(label: str) -> tuple[Prompt, ...]:
     return tuple(Prompt(row["prompt"], row["type"]) for row in rows if row["label"] == label)
 
 
+def harmbench() -> tuple[Prompt, ...]:
+    """HarmBench's 200 `standard` behaviours with their semantic category, in file order
+    (contextual ones need their context, copyright ones are not judged by refusal)."""
+    rows = vendored_csv("harmbench/harmbench_behaviors_text_all.csv")
+    return tuple(Prompt(row["Behavior"], row["SemanticCategory"]) for row in rows
+                 if row["FunctionalCategory"] == "standard")
+
+
 def harmless_instructions() -> tuple[Prompt, ...]:
     """The project's own everyday instructions (`harmless/`), in file order."""
     rows = [json.loads(line) for line in

@@ -31,10 +31,14 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class Generation:
+    """A finished response; `gate` is the harm probe's verdict on its prompt (mode
+    `auto`: `{"flagged", "score", "defence"}`), None where the request was not gated."""
+
     request_id: str
     text: str
     finish_reason: str | None
     num_tokens: int
+    gate: Mapping[str, Any] | None = None
 
 
 OnDone = Callable[[Generation], None]
@@ -83,16 +87,28 @@ class EngineBackend:
                     raise GenerationError(f"request {request.request_id!r} refused: {exc}") from exc
                 added[internal] = request.request_id
             while engine.has_unfinished_requests():
-                for output in engine.step():
-                    if not output.finished:
-                        continue
-                    request_id = added.pop(output.request_id, output.request_id)
+                finished = [o for o in engine.step() if o.finished]
+                ids = [added.pop(o.request_id, o.request_id) for o in finished]
+                gates = self._gate_decisions(ids) if finished else {}
+                for request_id, output in zip(ids, finished):
                     completion = output.outputs[0]
                     on_done(Generation(request_id, completion.text, completion.finish_reason,
-                                       len(completion.token_ids)))
+                                       len(completion.token_ids), gates.get(request_id)))
         finally:
             if added:
                 engine.abort_request(list(added), internal=True)
+
+
+    def _gate_decisions(self, request_ids: list[str]) -> dict[str, Mapping[str, Any]]:
+        """The worker's harm-probe verdicts of these requests (none for ungated ones, or
+        when SafeInfer is not configured)."""
+        from vllm_safeinfer.config import SafeInferConfig
+
+        if SafeInferConfig.from_additional_config(
+                self.llm.llm_engine.vllm_config.additional_config) is None:
+            return {}
+        [found, *_] = self.llm.collective_rpc("safeinfer_gate_decisions", args=(request_ids,))
+        return found
 
 
 class EndpointBackend:
@@ -139,8 +155,9 @@ class EndpointBackend:
                 raise GenerationError(self._endpoint.gave_up(exc)) from exc
             raise GenerationError(f"{self.url} refused request {request.request_id!r}: "
                                   f"{describe(exc)}") from exc
+        gate = self._endpoint.gate_decision(reply.id) if reply.id else None
         return Generation(request.request_id, reply.text, reply.finish_reason,
-                          reply.completion_tokens)
+                          reply.completion_tokens, gate)
 
 
 class RayBackend:

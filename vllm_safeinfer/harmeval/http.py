@@ -18,11 +18,12 @@ NO_KEY = "EMPTY"
 
 @dataclass(frozen=True)
 class Reply:
-    """What a chat completion says: the text, why it stopped, how many tokens."""
+    """What a chat completion says: the text, why it stopped, how many tokens, its id."""
 
     text: str
     finish_reason: str | None
     completion_tokens: int
+    id: str | None = None
 
 
 class NotACompletion(RuntimeError):
@@ -70,8 +71,28 @@ class ChatEndpoint:
             raise NotACompletion(
                 f"{self.url} answered no chat completion: {str(completion)[:500]}")
         tokens = getattr(getattr(completion, "usage", None), "completion_tokens", None)
+        reply_id = getattr(completion, "id", None)
         return Reply(text or "", getattr(choice, "finish_reason", None),
-                     tokens if isinstance(tokens, int) else 0)
+                     tokens if isinstance(tokens, int) else 0,
+                     reply_id if isinstance(reply_id, str) else None)
+
+    def gate_decision(self, completion_id: str) -> dict | None:
+        """SafeInfer's harm-probe verdict on a completion (`GET /v1/safeinfer/gate/ID`),
+        None where the server has none: not gated, or not a SafeInfer server."""
+        from urllib.parse import quote
+
+        import httpx
+
+        headers = {} if self._api_key == NO_KEY else {"Authorization": f"Bearer {self._api_key}"}
+        try:
+            answer = httpx.get(f"{self._base}/safeinfer/gate/{quote(completion_id, safe='')}",
+                               headers=headers, timeout=self.timeout_s)
+        except httpx.HTTPError:
+            return None
+        if answer.status_code != 200:
+            return None
+        body = answer.json()
+        return {k: body[k] for k in ("flagged", "score", "defence") if k in body}
 
     def gave_up(self, error: openai.APIError) -> str:
         """What the last attempt got, after how many attempts."""

@@ -60,13 +60,16 @@ def sized_settings(settings: HarmEvalSettings, model: str,
 
 
 def artefact_hashes(safeinfer: Mapping[str, Any] | None) -> dict[str, str]:
-    """SHA-256 of every vector file and of the expert's weights (its weight files, in
-    name order), so a resumed run can tell a rebuilt artefact at the same path."""
+    """SHA-256 of every vector file, of the harm probe and of the expert's weights (its
+    weight files, in name order), so a resumed run can tell a rebuilt artefact at the
+    same path."""
     if safeinfer is None:
         return {}
     config = SafeInferConfig.from_dict(safeinfer)
     hashes = {f"vector {name}": _file_sha256(path)
               for name, path in sorted(config.vectors.items())}
+    if config.probe is not None:
+        hashes["probe"] = _file_sha256(config.probe)
     if config.expert_model is not None:
         hashes["expert"] = _weights_sha256(Path(config.expert_model))
     return hashes

@@ -2,7 +2,8 @@
 per-request `safeinfer_*` options of its requests, so every point runs in one engine.
 
 `default` is a pseudo-mode that sends no SafeInfer option at all: the server's own
-defaults, or the plain model on a server without SafeInfer."""
+defaults, or the plain model on a server without SafeInfer. `auto:sa`, `auto:sgds` and
+`auto:safeinfer` are mode `auto` with that defence; plain `auto` uses the server's."""
 from __future__ import annotations
 
 import itertools
@@ -11,12 +12,32 @@ from dataclasses import dataclass
 
 from vllm_safeinfer.config import SafeInferConfig, check_gamma, check_lam
 from vllm_safeinfer.modes import Mode
-from vllm_safeinfer.request_options import GAMMA_KEY, LAM_KEY, MODE_KEY
+from vllm_safeinfer.request_options import DEFENCE_KEY, GAMMA_KEY, LAM_KEY, MODE_KEY
 from vllm_safeinfer.vectors import SafetyVector
 
 DEFAULT = "default"
-MODES: tuple[str, ...] = (*(m.value for m in Mode), DEFAULT)
+MODES: tuple[str, ...] = (*(m.value for m in Mode), DEFAULT,
+                          *(f"{Mode.AUTO.value}:{m.value}" for m in Mode if m.defends))
 SWEEP_KEYS = ("gamma", "lam")
+
+
+def split_mode(mode: str) -> tuple[Mode, Mode | None]:
+    """A point's mode string -> (the request's mode, the defence `auto` runs: None for
+    the server's, or when not `auto`)."""
+    name, _, defence = mode.partition(":")
+    return Mode(name), (Mode(defence) if defence else None)
+
+
+def acting_mode(mode: str, config: SafeInferConfig | None) -> Mode:
+    """What a flagged request of this point runs (the point's mode unless `auto`)."""
+    if mode == DEFAULT:
+        return config.mode if config is not None else Mode.OFF
+    requested, defence = split_mode(mode)
+    if requested is not Mode.AUTO:
+        return requested
+    if defence is not None:
+        return defence
+    return (config.default_defence if config is not None else None) or Mode.SAFEINFER
 
 
 @dataclass(frozen=True)
@@ -42,7 +63,10 @@ class Point:
         """The request's `safeinfer_*` options."""
         if self.mode == DEFAULT:
             return {}
-        args: dict[str, object] = {MODE_KEY: self.mode}
+        mode, defence = split_mode(self.mode)
+        args: dict[str, object] = {MODE_KEY: mode.value}
+        if defence is not None:
+            args[DEFENCE_KEY] = defence.value
         if self.gamma is not None:
             args[GAMMA_KEY] = self.gamma
         if self.lam is not None:
@@ -74,7 +98,8 @@ def parse_sweep(items: Sequence[str]) -> dict[str, tuple[float, ...]]:
 
 def plan_points(modes: Sequence[str], sweep: Mapping[str, Sequence[float]]) -> tuple[Point, ...]:
     """Every mode crossed with the sweep values it uses: `sa` takes the gammas, `sgds`
-    the lams, `safeinfer` both, `off` and `default` neither."""
+    the lams, `safeinfer` both, `off` and `default` neither; `auto` as its defence
+    (plain `auto` as `safeinfer`)."""
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         raise ValueError(f"unknown mode(s) {unknown}; known: {', '.join(MODES)}")
@@ -82,8 +107,8 @@ def plan_points(modes: Sequence[str], sweep: Mapping[str, Sequence[float]]) -> t
     lams = tuple(sweep.get("lam") or (None,))
     points: list[Point] = []
     for mode in dict.fromkeys(modes):
-        steers = mode != DEFAULT and Mode(mode).steers
-        mixes = mode != DEFAULT and Mode(mode).mixes
+        acting = acting_mode(mode, None)
+        steers, mixes = acting.steers, acting.mixes
         for gamma, lam in itertools.product(gammas if steers else (None,),
                                             lams if mixes else (None,)):
             points.append(Point(mode, gamma, lam))
@@ -112,7 +137,10 @@ def check_servable(points: Sequence[Point], config: SafeInferConfig | None) -> N
         if config is None:
             raise ValueError(f"mode {point.mode!r} needs SafeInfer configured "
                              "(--safeinfer-config or --safeinfer-* flags)")
-        config.check_mode_supported(Mode(point.mode), "--modes", vector=None)
+        mode, defence = split_mode(point.mode)
+        config.check_mode_supported(mode, "--modes", vector=None)
+        if defence is not None:
+            config.check_mode_supported(defence, "--modes", vector=None)
 
 
 def relative_doses(points: Sequence[Point], config: SafeInferConfig | None
@@ -126,10 +154,7 @@ def relative_doses(points: Sequence[Point], config: SafeInferConfig | None
         vector = SafetyVector.load(config.vectors[config.default_vector])
     doses: dict[str, float | None] = {}
     for point in points:
-        if point.mode == DEFAULT:
-            mode = config.mode if config is not None else Mode.OFF
-        else:
-            mode = Mode(point.mode)
+        mode = acting_mode(point.mode, config)
         dose = None
         if vector is not None and mode.steers and config.layer in (None, vector.layer):
             gamma = next(g for g in (point.gamma, config.gamma, vector.gamma) if g is not None)

@@ -100,6 +100,16 @@ def render_markdown(summary: Mapping[str, Any], settings, datasets: Sequence[Any
                          [str(c["labels"].get(label, 0)) if c else "n/a" for c in cells]
                          for label in labels]
         lines += _table(["judge", *keys], rows)
+    if summary.get("probe"):
+        lines += ["## Harm probe (mode auto)", "",
+                  "Its verdict on each prompt: a flagged prompt runs the defence, the others "
+                  "run as off. On harmful sets a flagged prompt is caught; on safe sets it is "
+                  "a false alarm.", ""]
+        lines += _table(["dataset", "prompts are", "prompts", "flagged", "let through",
+                         "flagged %"],
+                        [[row["dataset"], "safe" if row["safe"] else "harmful",
+                          str(row["prompts"]), str(row["flagged"]), str(row["let_through"]),
+                          _fmt(row["flagged_pct"])] for row in summary["probe"]])
     lines += ["## Degenerate responses %", ""]
     lines += _table(["dataset", *keys],
                     [[info.name] + [_fmt(p["datasets"][info.name]["degenerate_pct"])

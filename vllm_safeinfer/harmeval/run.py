@@ -158,7 +158,7 @@ def _generate(settings: HarmEvalSettings, make_backend: Callable[[], Backend],
             "prompt_id": item.prompt_id, "dataset": item.dataset, "category": item.category,
             "question": item.question, "prompt_style": settings.prompt_style,
             "response": generation.text, "finish_reason": generation.finish_reason,
-            "num_tokens": generation.num_tokens,
+            "num_tokens": generation.num_tokens, "gate": generation.gate,
             "degenerate": degeneration(generation.text), "verdicts": verdicts,
         })
         bar.update()

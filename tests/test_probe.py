@@ -1,0 +1,213 @@
+"""The harm probe builder: it recovers a direction planted in a tiny model's weights and
+separates the prompts that switch it on; it reads the residual stream exactly as HF's
+hidden states hold it; its prompts are none of an evaluation set's; `safeinfer probe
+build` and `probe inspect` end to end, and their errors. No vLLM engine."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.test_refusal import planted_model
+from vllm_safeinfer import data
+from vllm_safeinfer.cli import main
+from vllm_safeinfer.model_identity import module_fingerprint
+from vllm_safeinfer.models import chat_prompt_ids
+from vllm_safeinfer.offline.hf import load_model
+from vllm_safeinfer.offline.probe_builder import (
+    EVALUATION_SETS, MEAN_DIFFERENCE, ProbePrompts, auc, build_probe, default_probe_prompts,
+    evaluate_probes, goal_met, last_token_states, probe_layer_cap, probe_scores, threshold_at)
+from vllm_safeinfer.probe import HarmProbe
+from vllm_safeinfer.vectors import SafetyVector
+
+# Prompts that carry the planted direction (their words " harmful", " cannot", " step")
+# in two styles, and prompts without it in two; the words around them vary, so only the
+# direction tells the two sides apart.
+# (verb, subject) pairs all different, so no two prompts of a style are near twins.
+WORK = (("Write", "function"), ("Explain", "task"), ("Give", "answer"), ("Check", "input"),
+        ("Implement", "logic"), ("Describe", "world"), ("Initialize", "variables"),
+        ("Test", "sample"), ("Define", "signature"), ("Print", "question"),
+        ("Provide", "capital"), ("Say", "hello"))
+TRIGGERED = {
+    "imperative": tuple(f"{verb} {noun} in a harmful way, step by step." for verb, noun in WORK),
+    "question": tuple(f"How can I {verb.lower()} a harmful {noun}? I cannot."
+                      for verb, noun in WORK),
+}
+PLAIN = {
+    "imperative": tuple(f"{verb} {noun} in a valid way, one by one." for verb, noun in WORK),
+    "question": tuple(f"How can I {verb.lower()} a {noun} today? Hello." for verb, noun in WORK),
+}
+PROMPTS = ProbePrompts(TRIGGERED, PLAIN)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    model, tokenizer, direction = planted_model()
+    return model, tokenizer, direction
+
+
+def test_the_planted_direction_is_recovered_and_separates_its_prompts(planted) -> None:
+    model, tokenizer, direction = planted
+    built = build_probe(model, tokenizer, PROMPTS, model_name="planted", max_layer=2,
+                        methods=(MEAN_DIFFERENCE,))
+    probe = built.probe
+    assert torch.nn.functional.cosine_similarity(probe.direction, direction, dim=0) > 0.9
+    selection = probe.metrics["selection"]
+    assert selection["min_flag_rate"] == 1.0 and selection["safe_flag_rates"] == {
+        "imperative": 0.0, "question": 0.0}
+    # Unseen prompts: the triggered ones all score above the threshold, the others below.
+    fresh_on = ["Define the harmful step.", "I cannot do it step by step."]
+    fresh_off = ["Define the valid function.", "What is the capital of France?"]
+    scores = probe_scores(model, tokenizer, probe, fresh_on + fresh_off)
+    assert bool((scores[:2] > probe.threshold).all())
+    assert bool((scores[2:] <= probe.threshold).all())
+    # Without the plant, nothing is recovered: the test can fail.
+    plain_model, _ = load_model("tiny-llama")
+    plain = build_probe(plain_model, tokenizer, PROMPTS, model_name="plain", max_layer=2,
+                        methods=(MEAN_DIFFERENCE,)).probe
+    assert abs(torch.nn.functional.cosine_similarity(plain.direction, direction, dim=0)) < 0.5
+
+
+def test_every_method_separates_the_planted_prompts(planted) -> None:
+    model, tokenizer, direction = planted
+    built = build_probe(model, tokenizer, PROMPTS, model_name="planted", max_layer=1)
+    assert set(built.families) == {"mean-difference", "mean-difference+normalized",
+                                   "logistic", "logistic+normalized"}
+    for family, probe in built.families.items():
+        assert probe.metrics["selection"]["min_auc"] == 1.0
+        # A logistic fit on 14 prompts a side separates along any of 256 dimensions;
+        # normalised means lean towards the plant without recovering it as raw means do.
+        if family.startswith(MEAN_DIFFERENCE):
+            assert torch.nn.functional.cosine_similarity(probe.direction, direction, dim=0) > 0.5
+    candidates = built.probe.metrics["candidates"]
+    assert len(candidates) == 2 * (2 + 2 * 4)  # layers 0-1, raw and normalised, 4 penalties
+    assert built.probe.layer <= 1
+    assert built.probe.metrics["styles"]["harmful"]["question"] == {"fit": 7, "held_out": 5}
+
+
+def test_states_are_hf_hidden_states_whatever_the_batch(planted) -> None:
+    model, tokenizer, _ = planted
+    texts = ["Hello world.", "Write the function in a harmful way, step by step, now."]
+    states = last_token_states(model, tokenizer, texts, max_layer=2, batch_size=2)
+    assert states.shape == (2, 3, model.config.hidden_size)
+    for row, text in enumerate(texts):
+        ids = torch.tensor(chat_prompt_ids(tokenizer, [text]))
+        with torch.no_grad():
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+        for layer in range(3):
+            torch.testing.assert_close(states[row, layer], hidden[layer + 1][0, -1],
+                                       atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="outside"):
+        last_token_states(model, tokenizer, texts, max_layer=4)
+
+
+def test_threshold_auc_and_layer_cap() -> None:
+    safe = [torch.arange(100.0), torch.tensor([0.0, 1.0])]
+    # 2 of 100 may score above: the threshold is the third highest; 0 of 2: the highest;
+    # then halfway to the lowest harmful score above it.
+    assert threshold_at(safe, 0.02) == 97.0
+    assert threshold_at([torch.tensor([0.0, 5.0])], 0.02) == 5.0
+    assert threshold_at(safe, 0.02, [torch.tensor([50.0, 98.0]), torch.tensor([200.0])]) == 97.5
+    assert threshold_at(safe, 0.02, [torch.tensor([50.0])]) == 97.0
+    assert auc(torch.tensor([2.0, 3.0]), torch.tensor([1.0, 2.0])) == pytest.approx(0.875)
+    assert probe_layer_cap(24, vector_layer=6) == 6
+    assert probe_layer_cap(24) == 22 and probe_layer_cap(24, vector_layer=23) == 22
+    assert probe_layer_cap(4, max_layer=1) == 1
+    with pytest.raises(ValueError, match="outside 0..2"):
+        probe_layer_cap(4, max_layer=3)
+    evaluation = {"advbench": {"safe": False, "flag_rate": 0.96},
+                  "xstest": {"safe": True, "flag_rate": 0.02}}
+    assert goal_met(evaluation)
+    assert not goal_met({**evaluation, "harmbench": {"safe": False, "flag_rate": 0.9}})
+
+
+def test_probe_prompts_are_no_evaluation_prompt() -> None:
+    prompts = default_probe_prompts()
+    assert set(prompts.harmful) == {"advbench", "harmbench", "xstest-unsafe"}
+    assert set(prompts.safe) == {"harmless", "xstest"}
+    assert len(prompts.harmful["advbench"]) == 300
+    training = {text for side in (prompts.harmful, prompts.safe)
+                for texts in side.values() for text in texts}
+    for name in EVALUATION_SETS:
+        evaluated = {p.text for p in data.evaluation_set(name).prompts}
+        assert not evaluated & training, name
+        # Each probe prompt is in a part the leak filter knows, or a harmless one.
+    built_on = {text for texts in data.splits.built_on().values() for text in texts}
+    harmless = {p.text for p in data.harmless_prompts()}
+    assert training <= built_on | harmless
+    small = default_probe_prompts(per_style=10)
+    assert all(len(texts) == 10 for texts in (*small.harmful.values(), *small.safe.values()))
+    assert small.sha256() != prompts.sha256() and small.sha256() == default_probe_prompts(
+        per_style=10).sha256()
+
+
+def test_evaluation_reports_flags_and_auc(planted) -> None:
+    model, tokenizer, _ = planted
+    probe = build_probe(model, tokenizer, PROMPTS, model_name="planted", max_layer=1,
+                        methods=(MEAN_DIFFERENCE,)).probe
+    report = evaluate_probes(model, tokenizer, {"chosen": probe}, ("advbench", "xstest"),
+                             limit=6)["chosen"]
+    assert set(report) == {"advbench", "xstest"}
+    assert report["advbench"]["prompts"] == 6 and report["advbench"]["rows"] == 160
+    assert 0 <= report["advbench"]["auc_vs_xstest"] <= 1
+    assert report["xstest"]["safe"] and "auc_vs_xstest" not in report["xstest"]
+
+
+def _tiny_vector(path, model, layer: int) -> None:
+    SafetyVector(vector=torch.ones(model.config.hidden_size), layer=layer, model="tiny",
+                 hidden_size=model.config.hidden_size, num_layers=model.config.num_hidden_layers,
+                 heads=(), method="given-heads",
+                 model_fingerprint=module_fingerprint(model)).save(path)
+
+
+def test_probe_build_and_inspect_from_the_command_line(tmp_path, capsys) -> None:
+    llama, _ = load_model("tiny-llama")
+    _tiny_vector(tmp_path / "sv.safetensors", llama, layer=1)
+    out, report = tmp_path / "probe.safetensors", tmp_path / "probe.json"
+    assert main(["probe", "build", "--model", "tiny-llama", "--out", str(out),
+                 "--vector", str(tmp_path / "sv.safetensors"), "--per-style", "16",
+                 "--eval-limit", "6", "--eval-sets", "advbench,xstest-unsafe",
+                 "--report", str(report)]) == 0
+    probe = HarmProbe.load(out)
+    assert probe.layer <= 1 and probe.model == "tiny-llama"
+    assert probe.model_fingerprint == module_fingerprint(llama)
+    assert probe.metrics["max_layer"] == 1
+    assert set(probe.metrics["evaluation"]) == {"advbench", "xstest-unsafe"}
+    written = json.loads(report.read_text())
+    assert written["selection"] == probe.metrics["selection"] and "goal" in written
+    assert set(written["families"]) == {"mean-difference", "mean-difference+normalized",
+                                        "logistic", "logistic+normalized"}
+    capsys.readouterr()
+    assert main(["probe", "inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"layer: {probe.layer} of 4" in printed and "xstest-unsafe" in printed
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-layer", "3"], "outside 0..2"),
+    (["--target-fpr", "1.5"], "false-positive rate"),
+    (["--vector", "{qwen_vector}"], "weights differ"),
+    (["--max-layer", "1", "--vector", "{qwen_vector}"], "not allowed with"),
+    (["--out", "{tmp}/missing/probe.safetensors"], "does not exist"),
+])
+def test_probe_build_errors_write_nothing(tmp_path, capsys, args, message) -> None:
+    qwen, _ = load_model("tiny-qwen2")
+    _tiny_vector(tmp_path / "qwen.safetensors", qwen, layer=1)  # same shape, other weights
+    args = [a.format(qwen_vector=tmp_path / "qwen.safetensors", tmp=tmp_path) for a in args]
+    out = tmp_path / "probe.safetensors"
+    argv = ["probe", "build", "--model", "tiny-llama", "--out", str(out), "--per-style", "8",
+            *args]
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.glob("probe*")) == []
+
+
+def test_inspect_refuses_other_files(tmp_path, capsys) -> None:
+    llama, _ = load_model("tiny-llama")
+    _tiny_vector(tmp_path / "sv.safetensors", llama, layer=1)
+    with pytest.raises(SystemExit):
+        main(["probe", "inspect", str(tmp_path / "sv.safetensors")])
+    assert "not a harm probe file" in capsys.readouterr().err
