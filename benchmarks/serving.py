@@ -8,7 +8,8 @@ One server at a time, each started for its mode and measured at every request ra
 - `off`, `sa`: `safeinfer serve --safeinfer-vector V --safeinfer-mode MODE`;
 - `sgds`, `safeinfer`: the same with `--safeinfer-expert-model E`;
 - `auto`: the same with `--safeinfer-mode auto --safeinfer-probe P`: the harm probe
-  decides per request, flagged ones run `safeinfer`, the others `off`.
+  decides per request, flagged ones run `--defence` (default `safeinfer`), the others
+  `off`.
 
 With `--harmful-share S` the load is real prompts instead of random tokens, in the chat
 template: a share S of AdvBench's evaluation goals, the rest XSTest's safe evaluation
@@ -83,6 +84,8 @@ def server_command(mode: str, subjects: Subjects, args: argparse.Namespace,
         safeinfer += ["--safeinfer-expert-model", subjects.expert]
     if mode == "auto":
         safeinfer += ["--safeinfer-probe", subjects.probe]
+        if args.defence:
+            safeinfer += ["--safeinfer-defence", args.defence]
     return [sys.executable, "-m", "vllm_safeinfer.cli", "serve", subjects.model,
             *safeinfer, *common], env
 
@@ -263,6 +266,8 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=24, help="requests per rate")
     parser.add_argument("--num-warmups", type=int, default=4,
                         help="requests sent together before each rate's measured ones")
+    parser.add_argument("--defence", choices=("sa", "sgds", "safeinfer"),
+                        help="what mode auto runs on a flagged request (default: safeinfer)")
     parser.add_argument("--harmful-share", type=float,
                         help="real prompts, this share harmful, the rest benign (default: "
                         "random token prompts)")

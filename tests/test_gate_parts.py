@@ -200,3 +200,19 @@ def test_harmeval_counts_the_probes_calls_per_dataset():
          "flagged_pct": 50.0},
         {"dataset": "xstest", "safe": True, "prompts": 1, "flagged": 0, "let_through": 1,
          "flagged_pct": 0.0}]
+
+
+def test_harmeval_points_in_mode_auto():
+    """`auto:DEFENCE` sweeps what the defence uses and asks for it per request; plain
+    `auto` (the server's defence) sweeps both knobs like `safeinfer`."""
+    from vllm_safeinfer.harmeval.points import MODES, plan_points
+
+    assert {"auto", "auto:sa", "auto:sgds", "auto:safeinfer"} <= set(MODES)
+    points = plan_points(["auto:sgds", "auto"], {"gamma": (0.5,), "lam": (0.9,)})
+    assert [p.key for p in points] == ["auto:sgds lam=0.9", "auto gamma=0.5 lam=0.9"]
+    assert points[0].extra_args() == {"safeinfer_mode": "auto", "safeinfer_defence": "sgds",
+                                      "safeinfer_lam": 0.9}
+    assert points[1].extra_args() == {"safeinfer_mode": "auto", "safeinfer_gamma": 0.5,
+                                      "safeinfer_lam": 0.9}
+    with pytest.raises(ValueError, match="unknown mode"):
+        plan_points(["auto:off"], {})
