@@ -497,8 +497,9 @@ def _add_harmeval(sub: argparse._SubParsersAction) -> None:
                    "xstest (safe prompts: over-refusal), xstest-unsafe, advbench-custom50, "
                    "harmeval:PATH (a local HarmEval copy), jsonl:PATH ({prompt, category})")
     p.add_argument("--modes", metavar="MODE[,MODE...]",
-                   help="off, sa, sgds, safeinfer, default (no options: the server's own); "
-                   "default: every mode the SafeInfer config can serve")
+                   help="off, sa, sgds, safeinfer, auto (the harm probe decides; auto:sa, "
+                   "auto:sgds, auto:safeinfer name its defence), default (no options: the "
+                   "server's own); default: every ungated mode the SafeInfer config can serve")
     p.add_argument("--sweep", nargs="+", default=[], metavar="KEY=V,V",
                    help="gamma=0.25,0.5 lam=0.9,0.99: each steering mode runs every gamma, "
                    "each mixing mode every lam")
