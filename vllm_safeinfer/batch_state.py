@@ -182,12 +182,14 @@ class BatchState:
         """Host-side check, no device sync."""
         return bool(self._host["mixes"][:num_rows].any())
 
+    def _let_through(self, num_rows: int) -> torch.Tensor:
+        """Host `[num_rows]` bool: gated rows whose verdict, read back, is let through."""
+        return self._host["gated"][:num_rows] & (self.host_verdict[:num_rows] == LET_THROUGH)
+
     def mixing_rows(self, num_rows: int) -> torch.Tensor:
         """Host `[num_rows]` bool: rows whose mode mixes and that the probe has not let
         through (as far as the host knows: a verdict not read back yet counts as open)."""
-        let_through = self._host["gated"][:num_rows] & (self.host_verdict[:num_rows]
-                                                        == LET_THROUGH)
-        return self._host["mixes"][:num_rows] & ~let_through
+        return self._host["mixes"][:num_rows] & ~self._let_through(num_rows)
 
     @property
     def prompt_len_host(self) -> torch.Tensor:
@@ -195,11 +197,9 @@ class BatchState:
 
     def expert_rows(self, num_rows: int, in_prefill: torch.Tensor) -> torch.Tensor:
         """Host `[num_rows]` bool: rows the expert must run on this step: those whose mode
-        mixes, less gated rows past their prompt that the probe let through."""
-        h = self._host
-        let_through = (h["gated"][:num_rows] & ~in_prefill
-                       & (self.host_verdict[:num_rows] == LET_THROUGH))
-        return h["mixes"][:num_rows] & ~let_through
+        mixes, less gated rows past their prompt that the probe let through (a superset
+        of `mixing_rows`)."""
+        return self._host["mixes"][:num_rows] & ~(self._let_through(num_rows) & ~in_prefill)
 
     def read_verdicts(self) -> list[tuple[int, bool, float]]:
         """Copy the probe's verdicts of gated rows still pending on the host; returns the

@@ -116,8 +116,7 @@ class ExpertRowPlanner:
             self.runner.input_batch.num_computed_tokens_cpu[:num_rows].copy())
         in_prefill = computed < self.state.prompt_len_host[:num_rows]
         run = self.state.expert_rows(num_rows, in_prefill).numpy()
-        logit_rows = (self.state.mixing_rows(num_rows) & torch.from_numpy(run)).nonzero()
-        logit_rows = logit_rows.flatten()
+        logit_rows = self.state.mixing_rows(num_rows).nonzero().flatten()
         lengths = np.diff(starts)
         self.rows_run += int(run.sum())
         self.rows_skipped += int((~run & (lengths > 0)).sum())

@@ -16,7 +16,7 @@ from torch import nn
 
 from vllm_safeinfer.batch_state import FLAGGED, LET_THROUGH, BatchState
 from vllm_safeinfer.kernels.steer import token_rows
-from vllm_safeinfer.probe import HarmProbe
+from vllm_safeinfer.probe import HarmProbe, linear_scores
 from vllm_safeinfer.steering import decoder_layers
 
 
@@ -41,10 +41,7 @@ def probe_reference(
     tokens, rows = token_rows(query_start_loc, num_tokens)
     decides = ((tokens < query_start_loc[-1]) & gated[rows]
                & (positions == prompt_len[rows] - 1))
-    h = stream.float()
-    value = h @ direction.float()
-    if normalize:
-        value = value / h.norm(dim=-1).clamp_min(1e-12)
+    value = linear_scores(stream, direction, normalize)
     target = torch.where(decides, rows, verdict.numel() - 1)
     verdict.scatter_(0, target, torch.where(value > threshold, FLAGGED, LET_THROUGH)
                      .to(verdict.dtype))

@@ -21,6 +21,16 @@ FORMAT_VERSION = "1"
 TENSOR = "harm_probe"
 
 
+def linear_scores(hidden: torch.Tensor, direction: torch.Tensor,
+                  normalize: bool) -> torch.Tensor:
+    """`[..., H]` states -> `[...]` fp32 `w . h` (divided by `|h|` when `normalize`): the
+    one formula the builder chooses thresholds with, the file scores with and the
+    engine's probe op computes."""
+    h = hidden.float()
+    score = h @ direction.float()
+    return score / h.norm(dim=-1).clamp_min(1e-12) if normalize else score
+
+
 @dataclass(frozen=True, eq=False)
 class HarmProbe:
     """A linear harm probe on the residual stream after decoder layer `layer`.
@@ -56,11 +66,8 @@ class HarmProbe:
                              "other than the last)")
 
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`[..., H]` residual-stream states -> `[...]` fp32 scores (the reference the
-        engine's probe op is tested against)."""
-        h = hidden.float()
-        score = h @ self.direction.float()
-        return score / h.norm(dim=-1).clamp_min(1e-12) if self.normalize else score
+        """`[..., H]` residual-stream states -> `[...]` fp32 scores."""
+        return linear_scores(hidden, self.direction, self.normalize)
 
     def check_compatible(self, model_config) -> None:
         """Refuse a probe made for a model of another shape."""

@@ -64,7 +64,12 @@ class EngineBackend:
     A failure aborts the rest, leaving the engine usable."""
 
     def __init__(self, llm) -> None:
+        from vllm_safeinfer.config import SafeInferConfig
+
         self.llm = llm
+        # Only an engine with SafeInfer has workers that know harm-probe verdicts.
+        self._safeinfer = SafeInferConfig.from_additional_config(
+            llm.llm_engine.vllm_config.additional_config) is not None
 
     def generate(self, requests: Sequence[GenerationRequest], on_done: OnDone) -> None:
         from vllm import SamplingParams
@@ -102,10 +107,7 @@ class EngineBackend:
     def _gate_decisions(self, request_ids: list[str]) -> dict[str, Mapping[str, Any]]:
         """The worker's harm-probe verdicts of these requests (none for ungated ones, or
         when SafeInfer is not configured)."""
-        from vllm_safeinfer.config import SafeInferConfig
-
-        if SafeInferConfig.from_additional_config(
-                self.llm.llm_engine.vllm_config.additional_config) is None:
+        if not self._safeinfer:
             return {}
         [found, *_] = self.llm.collective_rpc("safeinfer_gate_decisions", args=(request_ids,))
         return found

@@ -25,7 +25,7 @@ from torch import nn
 
 from vllm_safeinfer.offline.heads import decoder_layers
 from vllm_safeinfer.offline.hf import check_fp32, left_pad, model_device, pad_id, positions
-from vllm_safeinfer.probe import HarmProbe
+from vllm_safeinfer.probe import HarmProbe, linear_scores
 
 TARGET_FPR = 0.02
 HELD_OUT = 0.4  # of every style, to choose layer, method and threshold
@@ -205,7 +205,7 @@ def candidates(max_layer: int, methods: Sequence[str] = METHODS) -> list[Candida
 
 
 def _features(states: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """What the probe's score is linear in: h, or h / |h| (`HarmProbe.normalize`)."""
+    """What a direction is fitted on: h, or h / |h| (`HarmProbe.normalize`)."""
     return states / states.norm(dim=-1, keepdim=True).clamp_min(1e-12) if normalize else states
 
 
@@ -261,7 +261,8 @@ def measure(direction: torch.Tensor, normalize: bool, harmful: Mapping[str, torc
     """A direction on held-out states ([n, H] per style): its threshold at `target_fpr`
     of every safe style, the flag rate of each style there, and each harmful style's AUC
     against the safe styles pooled."""
-    score = {side: {style: _features(x, normalize) @ direction for style, x in styles.items()}
+    score = {side: {style: linear_scores(x, direction, normalize)
+                    for style, x in styles.items()}
              for side, styles in (("harmful", harmful), ("safe", safe))}
     threshold = threshold_at(list(score["safe"].values()), target_fpr,
                              list(score["harmful"].values()))
