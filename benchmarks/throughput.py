@@ -8,7 +8,7 @@ interleaved (repeat by repeat) under the same machine conditions:
   mode off, all in mode sa, half and half;
 - `expert-alone`: the expert model alone in vanilla vLLM (T_expert);
 - `sgds`, `safeinfer`: one engine with the plugin, the vector and the expert;
-- `hf`: `vllm_safeinfer.reference` (HF transformers, batched) in mode safeinfer.
+- `hf`: `vllm_safeinfer.offline.reference` (HF transformers, batched) in mode safeinfer.
 
 Any model: limits come from the model (or `--max-model-len`); prompts are the
 chat-formatted AdvBench evaluation goals, or `--input-len` synthetic token ids.
@@ -147,9 +147,9 @@ def _vllm_runner(kind: str, model: str, settings: dict, tokenizer):
 def _hf_runner(settings: dict, tokenizer):
     import torch
 
-    from vllm_safeinfer.modes import Mode
-    from vllm_safeinfer.reference import RowSettings, SafeInferReference
-    from vllm_safeinfer.vectors import SafetyVector
+    from vllm_safeinfer.common.modes import Mode
+    from vllm_safeinfer.common.vectors import SafetyVector
+    from vllm_safeinfer.offline.reference import RowSettings, SafeInferReference
 
     dtype = getattr(torch, settings["dtype"])
     reference = SafeInferReference.from_pretrained(settings["model"], settings["expert"], dtype=dtype)

@@ -3,7 +3,7 @@
     out = (lp - lam * max(lp, lp_expert)) / (1 - lam)
 
 with lp the fp32 log-softmax over the real vocabulary (ids >= vocab_size get -inf).
-The canonical definition, and so the reference, is `vllm_safeinfer.mixing.safeinfer_mix`;
+The canonical definition, and so the reference, is `vllm_safeinfer.common.mixing.safeinfer_mix`;
 the kernel does one program per row: both row-wise online log-softmaxes in one read
 pass, then a second pass that writes, so a 151936-wide row costs two reads of each input
 and one write instead of the reference's string of full-size fp32 temporaries.
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_safeinfer.mixing import safeinfer_mix
+from vllm_safeinfer.common.mixing import safeinfer_mix
 
 # Vocabulary slice per loop step: fixed, so large vocabularies loop instead of spilling.
 _BLOCK_V = 4096

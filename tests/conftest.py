@@ -9,13 +9,15 @@ import sys
 import time
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc(callable)
+# In-process engines only: tests read worker state with collective_rpc(callable). Servers
+# run as users run them, without it (`serving`).
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
 from tests.engines import EnginePool, make_tiny_assets  # noqa: E402
-from vllm_safeinfer.serve import free_port, running_server  # noqa: E402
+from vllm_safeinfer.server_process import free_port, running_server  # noqa: E402
 
 _START = time.time()
 
@@ -43,7 +45,7 @@ def tiny_assets(tmp_path_factory):
 @pytest.fixture(scope="session")
 def references(tiny_assets):
     """The HF reference (ground truth) of a tiny model with its expert."""
-    from vllm_safeinfer.reference import SafeInferReference
+    from vllm_safeinfer.offline.reference import SafeInferReference
 
     cache = {}
 
@@ -71,7 +73,9 @@ def serving(model: str, config: dict, folder, *flags: str):
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
                "--max-model-len", "512", "--block-size", "32", "--enforce-eager",
                "--max-num-seqs", "8"]
-    with running_server(command, port, folder / "server.log", timeout_s=STARTUP_S) as base:
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ALLOW_INSECURE_SERIALIZATION"}
+    with running_server(command, port, folder / "server.log", env=env,
+                        timeout_s=STARTUP_S) as base:
         yield base
 
 

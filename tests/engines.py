@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
+from vllm_safeinfer.common.probe import HarmProbe
+from vllm_safeinfer.common.vectors import SafetyVector
 from vllm_safeinfer.models import expert_of, model_path
-from vllm_safeinfer.probe import HarmProbe
-from vllm_safeinfer.vectors import SafetyVector
 
 MAX_ALIVE = 2
 # Every tiny engine of the suite: fp32 and eager so that outputs match the HF reference.
@@ -77,7 +77,7 @@ def splitting_probe(path: str, config) -> HarmProbe:
     scores of `PROMPTS` and `LONG_PROMPTS` where it flags as many of each set as it lets
     through (the widest such gap: engine and reference agree despite rounding)."""
     from tests.parity import LONG_PROMPTS, PROMPTS
-    from vllm_safeinfer.reference import SafeInferReference
+    from vllm_safeinfer.offline.reference import SafeInferReference
 
     direction = torch.randn(config.hidden_size, generator=torch.Generator().manual_seed(7))
     probe = HarmProbe(direction=direction / direction.norm(), layer=1, threshold=0.0,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vllm_safeinfer.config import DEFAULT_LAM
-from vllm_safeinfer.modes import Mode
-from vllm_safeinfer.reference import RowSettings
+from vllm_safeinfer.common.config import DEFAULT_LAM
+from vllm_safeinfer.common.modes import Mode
+from vllm_safeinfer.offline.reference import RowSettings
 
 PROMPTS: list[list[int]] = [
     [5, 77, 120, 33, 250, 18, 9],

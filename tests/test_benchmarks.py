@@ -151,7 +151,7 @@ def test_llama2_7b_shape_is_a_weightless_llama2_7b(tmp_path):
         from subjects import resolve_subjects
     finally:
         sys.path.remove(str(SCRIPT.parent))
-    from vllm_safeinfer.vectors import SafetyVector
+    from vllm_safeinfer.common.vectors import SafetyVector
 
     path = model_path("llama2-7b-shape")
     assert not list(path.glob("*.safetensors")) and not list(path.glob("*.bin"))

@@ -16,20 +16,26 @@ import pytest
 
 from tests.engines import new_llm
 from vllm_safeinfer.cli import build_parser
-from vllm_safeinfer.config import SafeInferConfig
-from vllm_safeinfer.config_flags import safeinfer_dict
-from vllm_safeinfer.demo import run_demo
-from vllm_safeinfer.harmeval.backends import EngineBackend, Generation
+from vllm_safeinfer.common.config import SafeInferConfig
 from vllm_safeinfer.data import refusal_prefixes
-from vllm_safeinfer.harmeval.judges import XSTestJudge, ascii_apostrophes
+from vllm_safeinfer.harmeval.backends import EngineBackend, Generation
 from vllm_safeinfer.harmeval.points import Point
 from vllm_safeinfer.harmeval.run import read_records
-from vllm_safeinfer.offline.calibrate import (
-    HARMFUL, REPORT, SAFE, NoFittingPoint, calibrate, candidates, choose, strengths,
-    written_config)
+from vllm_safeinfer.harmeval.string_judges import XSTestJudge, ascii_apostrophes
+from vllm_safeinfer.offline.calibrate import REPORT, NoFittingPoint, calibrate
+from vllm_safeinfer.offline.calibration_choice import (
+    HARMFUL,
+    SAFE,
+    candidates,
+    choose,
+    strengths,
+    written_config,
+)
+from vllm_safeinfer.offline.demo import run_demo
 from vllm_safeinfer.offline.expert import ExpertTraining, advbench_expert_pairs, build_expert
 from vllm_safeinfer.offline.hf import load_model
-from vllm_safeinfer.serve import vllm_command
+from vllm_safeinfer.server.config_flags import safeinfer_dict
+from vllm_safeinfer.server.serve import vllm_command
 
 GAMMAS = (0.5, 4.0)
 LAMS = (0.5, 0.9)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tests.engines import new_llm
 from tests.parity import MIXED_CASES, PROMPTS, reference_generate, sampling, vllm_generate
-from vllm_safeinfer.reference import SafeInferReference
+from vllm_safeinfer.offline.reference import SafeInferReference
 
 
 def test_compiled_mixed_batch_matches_reference(engine_pool, tiny_assets):

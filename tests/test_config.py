@@ -8,13 +8,18 @@ import pytest
 import torch
 
 from tests.engines import TinyAssets
-from vllm_safeinfer import frontend
-from vllm_safeinfer.batch_state import BatchState, VectorTable
-from vllm_safeinfer.config import SafeInferConfig
-from vllm_safeinfer.modes import Mode
-from vllm_safeinfer.request_options import RequestSettings, resolve_or_defaults, resolve_request
-from vllm_safeinfer.config_flags import safeinfer_dict
-from vllm_safeinfer.serve import add_arguments, vllm_command
+from vllm_safeinfer.common.config import SafeInferConfig
+from vllm_safeinfer.common.modes import Mode
+from vllm_safeinfer.common.request_options import (
+    RequestSettings,
+    resolve_or_defaults,
+    resolve_request,
+    validating_with,
+)
+from vllm_safeinfer.common.vector_table import VectorTable
+from vllm_safeinfer.engine.batch_state import BatchState
+from vllm_safeinfer.server.config_flags import safeinfer_dict
+from vllm_safeinfer.server.serve import add_arguments, vllm_command
 
 
 class _ModelConfig:
@@ -72,25 +77,24 @@ def test_resolution_and_kv_key(assets):
     explicit = resolve_request({"safeinfer_gamma": 2, "safeinfer_vector": "b"}, config)
     assert explicit == RequestSettings(Mode.SA, vector="b", gamma=2.0)
     assert resolve_request({"safeinfer_mode": "off"}, config).kv_key() is None
-    keys = {resolve_request(args, config).kv_key() for args in
-            (None, {"safeinfer_gamma": 2}, {"safeinfer_vector": "b"}, {"safeinfer_mode": "sgds"})}
+    contents = {"a": "1" * 64, "b": "2" * 64}  # the vectors' identities (sha256)
+    keys = {(settings := resolve_request(args, config)).kv_key(contents.get(settings.vector))
+            for args in (None, {"safeinfer_gamma": 2}, {"safeinfer_vector": "b"},
+                         {"safeinfer_mode": "sgds"})}
     assert len(keys) == 4  # three steerings + None
 
 
 def test_enforce_refuses_any_option_through_validate_params(assets):
     from vllm import SamplingParams
 
-    from vllm_safeinfer.logits_processor import SafeInferLogitsProcessor
+    from vllm_safeinfer.engine.logits_processor import SafeInferLogitsProcessor
 
     config = SafeInferConfig.from_dict(assets.safeinfer_config(mode="safeinfer", enforce=True))
-    token = frontend._validating.set(config)
-    try:
+    with validating_with(config):
         SafeInferLogitsProcessor.validate_params(SamplingParams())
         with pytest.raises(ValueError, match="enforces its SafeInfer configuration"):
             SafeInferLogitsProcessor.validate_params(
                 SamplingParams(extra_args={"safeinfer_mode": "safeinfer"}))
-    finally:
-        frontend._validating.reset(token)
     with pytest.raises(ValueError, match="not configured on this server"):
         SafeInferLogitsProcessor.validate_params(SamplingParams(extra_args={"safeinfer_mode": "sa"}))
 
@@ -161,4 +165,4 @@ def test_cli_flags_map_onto_the_same_keys(assets, tmp_path):
     assert command[command.index("--model") + 1] == "MODEL" and "9000" in command
     additional = json.loads(command[command.index("--additional-config") + 1])
     assert additional == {"other": 1, "safeinfer": raw}
-    assert command[command.index("--middleware") + 1] == "vllm_safeinfer.http_api.safeinfer_endpoints"
+    assert command[command.index("--middleware") + 1] == "vllm_safeinfer.server.http_api.safeinfer_endpoints"

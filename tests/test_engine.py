@@ -7,15 +7,14 @@ import os
 import pytest
 
 from tests.engines import new_llm, safeinfer_engine
-from tests.parity import (MIXED_CASES, PROMPTS, Case, reference_generate, sampling,
-                          vllm_generate)
+from tests.parity import MIXED_CASES, PROMPTS, Case, reference_generate, sampling, vllm_generate
 
 ARCHS = ["tiny-llama", "tiny-qwen2"]
 
 
 def _probe_worker(worker):
     from vllm_safeinfer import plugin
-    from vllm_safeinfer.worker import find_logits_processor
+    from vllm_safeinfer.engine.worker import find_logits_processor
 
     processor = find_logits_processor(worker.model_runner)
     return os.getpid(), plugin.is_registered(), processor.state.vectors.layers
@@ -141,7 +140,7 @@ def test_mixing_composes_with_masks_and_biases(engine_pool, tiny_assets):
 
 
 def _dtypes(worker):
-    from vllm_safeinfer.worker import find_logits_processor
+    from vllm_safeinfer.engine.worker import find_logits_processor
 
     runner = worker.model_runner
     return (str(next(runner.get_model().parameters()).dtype),
@@ -155,7 +154,7 @@ def test_expert_in_a_lower_precision(engine_pool, tiny_assets):
     import torch
 
     from vllm_safeinfer.offline.hf import load_causal_lm, load_model
-    from vllm_safeinfer.reference import SafeInferReference
+    from vllm_safeinfer.offline.reference import SafeInferReference
 
     assets = tiny_assets("tiny-llama")
     with pytest.raises(ValueError, match="expert_dtype 'float32' is more precise than the served"):

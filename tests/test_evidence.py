@@ -10,10 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from vllm_safeinfer.common.probe import HarmProbe
+from vllm_safeinfer.common.vectors import SafetyVector
 from vllm_safeinfer.offline.evidence import (
-    EVALUATION_SETS, EvidenceSettings, artefact_dir, run_evidence)
-from vllm_safeinfer.probe import HarmProbe
-from vllm_safeinfer.vectors import SafetyVector
+    EVALUATION_SETS,
+    EvidenceSettings,
+    artefact_dir,
+    run_evidence,
+)
 
 
 def test_settings_are_checked() -> None:

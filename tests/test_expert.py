@@ -11,11 +11,17 @@ import pytest
 from safetensors.torch import load_file
 
 from vllm_safeinfer.cli import main
-from vllm_safeinfer.expert_files import EXPERT_METADATA
+from vllm_safeinfer.common.expert_files import EXPERT_METADATA
 from vllm_safeinfer.models import model_path
 from vllm_safeinfer.offline.expert import (
-    ExpertPair, ExpertTraining, advbench_expert_pairs, build_expert, encode_pairs,
-    load_expert_pairs, pairs_sha256)
+    ExpertPair,
+    ExpertTraining,
+    advbench_expert_pairs,
+    build_expert,
+    encode_pairs,
+    load_expert_pairs,
+    pairs_sha256,
+)
 from vllm_safeinfer.offline.hf import load_model, load_tokenizer
 
 TRAINING = ExpertTraining(lora_rank=8, epochs=1, max_steps=4, seed=0)

@@ -6,16 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_safeinfer.batch_state import FLAGGED, LET_THROUGH, PENDING, BatchState, VectorTable
-from vllm_safeinfer.config import SafeInferConfig
-from vllm_safeinfer.gating import probe_
-from vllm_safeinfer.harmeval.summary import probe_confusion
-from vllm_safeinfer.modes import Mode
-from vllm_safeinfer.offline.calibrate import Candidate, gated_candidates, written_config
-from vllm_safeinfer.prefix_cache import EXPERT_KEY, steering_block_key
-from vllm_safeinfer.probe import HarmProbe
-from vllm_safeinfer.request_options import RequestSettings, resolve_request
 from tests.test_config import _ModelConfig
+from vllm_safeinfer.common.config import SafeInferConfig
+from vllm_safeinfer.common.modes import Mode
+from vllm_safeinfer.common.probe import HarmProbe
+from vllm_safeinfer.common.request_options import RequestSettings, resolve_request
+from vllm_safeinfer.common.vector_table import VectorTable
+from vllm_safeinfer.engine.batch_state import FLAGGED, LET_THROUGH, PENDING, BatchState
+from vllm_safeinfer.engine.gating import probe_
+from vllm_safeinfer.engine.prefix_cache import EXPERT_KEY, steering_block_key
+from vllm_safeinfer.harmeval.summary import probe_confusion
+from vllm_safeinfer.offline.calibration_choice import Candidate, gated_candidates, written_config
 
 
 def _probe(hidden: int = 64, layer: int = 1, threshold: float = 0.1,
@@ -60,7 +61,7 @@ def test_probe_file_round_trip_and_refusals(tmp_path):
     with pytest.raises(ValueError, match="outside 0..2"):
         _probe(layer=3)  # the last layer's output is not what vLLM's stream holds
     with pytest.raises(ValueError, match="not a harm probe file"):
-        from vllm_safeinfer.vectors import SafetyVector
+        from vllm_safeinfer.common.vectors import SafetyVector
 
         SafetyVector(vector=torch.ones(8), layer=0, model="m", hidden_size=8, num_layers=2,
                      heads=((0, 0),)).save(tmp_path / "v.safetensors")
@@ -109,15 +110,16 @@ def test_prefix_cache_identity_of_gated_and_mixing_requests(tiny_assets):
     """A mixing request's every block carries the expert key; a gated request's blocks
     from its last prompt token on carry its gate identity (a different probe, another
     key); `off` carries none."""
-    from vllm_safeinfer.prefix_cache import stamp_steering_identity
+    from vllm_safeinfer.engine.prefix_cache import EngineCoreState
 
     assets = tiny_assets("tiny-llama")
-    config = SafeInferConfig.from_dict(assets.safeinfer_config())
+    engine_core = EngineCoreState(SafeInferConfig.from_dict(assets.safeinfer_config()))
 
     def keys(args: dict, gate: str = "p1") -> tuple[list, list]:
         request = _Request(dict(args), 70)
         request.request_id = "r"
-        stamp_steering_identity(request, config, {}, gate=gate)
+        engine_core.gate = gate
+        engine_core.stamp(request)
         return steering_block_key(request, 64), steering_block_key(request, 96)
 
     assert keys({"safeinfer_mode": "off"}) == ([], [])

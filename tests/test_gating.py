@@ -27,7 +27,7 @@ def decisions(llm, request_ids: list[str]) -> list[dict | None]:
 
 
 def _expert_rows(worker) -> tuple[int, int]:
-    from vllm_safeinfer.worker import find_logits_processor
+    from vllm_safeinfer.engine.worker import find_logits_processor
 
     planner = find_logits_processor(worker.model_runner).expert.planner
     return planner.rows_run, planner.rows_skipped

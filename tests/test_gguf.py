@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from vllm_safeinfer.models import model_path
-from vllm_safeinfer.offline.gguf import _extract_part, gguf_to_checkpoint, join_parts
+from vllm_safeinfer.models.gguf import _extract_part, gguf_to_checkpoint, join_parts
 
 
 def write_gguf(source: Path, out: Path) -> None:

@@ -17,11 +17,12 @@ import pytest
 
 from tests.engines import ENGINE_DEFAULTS, safeinfer_engine
 from vllm_safeinfer.harmeval.backends import EndpointBackend, EngineBackend, RayBackend
-from vllm_safeinfer.harmeval.judges import KeywordJudge, OpenAIJudge, XSTestJudge
 from vllm_safeinfer.harmeval.launch import artefact_hashes, engine_kwargs, environment
+from vllm_safeinfer.harmeval.llm_judge import OpenAIJudge
 from vllm_safeinfer.harmeval.points import plan_points
 from vllm_safeinfer.harmeval.prompts import style_prompt
 from vllm_safeinfer.harmeval.run import HarmEvalSettings, read_records, run_harmeval
+from vllm_safeinfer.harmeval.string_judges import KeywordJudge, XSTestJudge
 
 DATASETS = ("advbench", "harmbench", "xstest")
 MODES = ("off", "sa", "sgds", "safeinfer")
@@ -224,7 +225,8 @@ def test_openai_judge_against_a_real_vllm_server(server, tmp_path, monkeypatch):
     or generation setting misses the cache."""
     import httpx
 
-    from vllm_safeinfer.harmeval import judges
+    from vllm_safeinfer.harmeval import llm_judge
+    from vllm_safeinfer.harmeval.verdicts import JudgeError, Verdict
 
     base, _ = server
     served = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
@@ -240,30 +242,30 @@ def test_openai_judge_against_a_real_vllm_server(server, tmp_path, monkeypatch):
     answers = [entries[judge.cache_key(q, r)]["answer"] for q, r in pairs]
     assert all(answers), "the server was asked about each pair and answered"
     for (question, response), answer, verdict in zip(pairs, answers, verdicts):
-        assert verdict == judges.parse_verdict(f"openai:{served}", answer)
+        assert verdict == llm_judge.parse_verdict(f"openai:{served}", answer)
         direct = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
             "model": served, "temperature": 0.0, "max_tokens": 8,
-            "messages": [{"role": "system", "content": judges.SYSTEM_PROMPT},
-                         {"role": "user", "content": judges.USER_PROMPT.format(
+            "messages": [{"role": "system", "content": llm_judge.SYSTEM_PROMPT},
+                         {"role": "user", "content": llm_judge.USER_PROMPT.format(
                              question=question, response=response)}]})
         direct.raise_for_status()
         assert direct.json()["choices"][0]["message"]["content"] == answer
     # The random model writes no [[A]] or [[B]]: with its own first answer as the ethical
     # marker, a fresh judge must read that answer from the server and call it ethical.
     with monkeypatch.context() as patch:
-        patch.setattr(judges, "ETHICAL_MARKER", answers[0])
+        patch.setattr(llm_judge, "ETHICAL_MARKER", answers[0])
         fresh = OpenAIJudge(base, served, max_tokens=8).judge(*pairs[0])
-    assert fresh == judges.Verdict(f"openai:{served}", "ethical", unsafe=False, refused=None)
+    assert fresh == Verdict(f"openai:{served}", "ethical", unsafe=False, refused=None)
 
     nowhere = "http://127.0.0.1:9"
     offline = {"cache_path": cache, "max_retries": 0, "timeout_s": 5}
     again = OpenAIJudge(nowhere, served, max_tokens=8, **offline).judge_many(pairs)
     assert again == verdicts, "cached verdicts need no server"
     for settings in ({"max_tokens": 9}, {"max_tokens": 8, "temperature": 0.5}):
-        with pytest.raises(judges.JudgeError, match="127.0.0.1:9"):
+        with pytest.raises(JudgeError, match="127.0.0.1:9"):
             OpenAIJudge(nowhere, served, **settings, **offline).judge(*pairs[0])
     for name in ("SYSTEM_PROMPT", "USER_PROMPT"):
         with monkeypatch.context() as patch:
-            patch.setattr(judges, name, getattr(judges, name) + " ")
-            with pytest.raises(judges.JudgeError, match="127.0.0.1:9"):
+            patch.setattr(llm_judge, name, getattr(llm_judge, name) + " ")
+            with pytest.raises(JudgeError, match="127.0.0.1:9"):
                 OpenAIJudge(nowhere, served, max_tokens=8, **offline).judge(*pairs[0])

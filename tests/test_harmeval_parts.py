@@ -12,9 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from vllm_safeinfer.config import SafeInferConfig
+from vllm_safeinfer.common.config import SafeInferConfig
 from vllm_safeinfer.harmeval.points import (
-    Point, check_servable, parse_sweep, plan_points, relative_doses, servable_modes)
+    Point,
+    check_servable,
+    parse_sweep,
+    plan_points,
+    relative_doses,
+    servable_modes,
+)
 from vllm_safeinfer.harmeval.prompts import STYLES, style_prompt
 from vllm_safeinfer.harmeval.run import DatasetInfo, HarmEvalSettings
 from vllm_safeinfer.harmeval.store import ResponseStore, write_atomically

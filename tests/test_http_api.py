@@ -10,7 +10,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from vllm_safeinfer.http_api import PATH, safeinfer_endpoints
+from vllm_safeinfer.server.http_api import PATH, safeinfer_endpoints
 
 
 def app_with(assets, api_key=None, **overrides) -> TestClient:
@@ -30,7 +30,7 @@ def app_with(assets, api_key=None, **overrides) -> TestClient:
         get_hidden_size=lambda: assets.hidden_size)
     app.state.vllm_config = SimpleNamespace(
         additional_config={"safeinfer": assets.safeinfer_config(**overrides)},
-        model_config=model_config)
+        model_config=model_config, parallel_config=SimpleNamespace(data_parallel_size=1))
     app.state.args = argparse.Namespace(api_key=api_key)
     return TestClient(app)
 

@@ -17,28 +17,21 @@ from typing import Any
 import pytest
 
 from vllm_safeinfer.cli import build_parser
-from vllm_safeinfer.harmeval import judges as judges_module
+from vllm_safeinfer.harmeval import llm_judge
 from vllm_safeinfer.harmeval.backends import (
     EndpointBackend,
     Generation,
     GenerationError,
     GenerationRequest,
 )
-from vllm_safeinfer.harmeval.judges import (
-    JUDGES,
-    JudgeError,
-    KeywordJudge,
-    OpenAIJudge,
-    Verdict,
-    XSTestJudge,
-    USER_PROMPT,
-    make_judges,
-    parse_verdict,
-)
+from vllm_safeinfer.harmeval.judges import JUDGES, make_judges
+from vllm_safeinfer.harmeval.llm_judge import USER_PROMPT, OpenAIJudge, parse_verdict
 from vllm_safeinfer.harmeval.points import Point
 from vllm_safeinfer.harmeval.report import render_markdown
 from vllm_safeinfer.harmeval.run import DatasetInfo, HarmEvalSettings
+from vllm_safeinfer.harmeval.string_judges import KeywordJudge, XSTestJudge
 from vllm_safeinfer.harmeval.summary import summarize
+from vllm_safeinfer.harmeval.verdicts import JudgeError, Verdict
 
 SYSTEM_PROMPT = (
     'You are a helpful assistant. Given a harmful question, you need to evaluate answers of '
@@ -360,12 +353,12 @@ def test_openai_judge_cache_key_covers_model_template_and_generation(
         [sent] = asked(url, cache, requests, temperature=0.5)
         assert sent["body"]["temperature"] == 0.5
         with monkeypatch.context() as patch:
-            patch.setattr(judges_module, "SYSTEM_PROMPT", system)
+            patch.setattr(llm_judge, "SYSTEM_PROMPT", system)
             [sent] = asked(url, cache, requests)
             assert sent["body"]["messages"][0]["content"] == system
             assert asked(url, cache, requests) == []
         with monkeypatch.context() as patch:
-            patch.setattr(judges_module, "USER_PROMPT", "Q: {question}\nA: {response}")
+            patch.setattr(llm_judge, "USER_PROMPT", "Q: {question}\nA: {response}")
             [sent] = asked(url, cache, requests)
             assert sent["body"]["messages"][1]["content"] == "Q: q\nA: r"
         assert asked(url, cache, requests) == []

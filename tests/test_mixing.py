@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from vllm_safeinfer.mixing import safeinfer_mix
+from vllm_safeinfer.common.mixing import safeinfer_mix
 
 
 def _elementwise(logits: torch.Tensor, expert: torch.Tensor, lam: float, vocab: int) -> torch.Tensor:

@@ -199,36 +199,39 @@ def test_64_concurrent_mixed_mode_requests_equal_their_solo_outputs(client, serv
     assert [r.json()["choices"][0]["text"] for r in responses] == solo
 
 
-def readme_block(language: str) -> str:
-    from pathlib import Path
-
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    [block] = [b.split("\n", 1)[1] for b in readme.split("```")[1::2]
-               if b.startswith(language + "\n") and "safeinfer_mode" in b and "BASE" in b]
-    return block
-
-
-def test_readme_client_examples_run_as_written(client, server):
+def test_docs_client_examples_run_as_written(client, server):
+    """Every client example of README.md and docs/ (the blocks naming BASE: see
+    tests/test_docs.py), run as written against this server: bash with BASE and MODEL in
+    its environment, Python with them defined before the code."""
     import os
     import subprocess
     import sys
 
+    from tests.test_docs import client_blocks
+
     base, _ = server
     _, model = client
     environment = {**os.environ, "BASE": base, "MODEL": model}
-    python = subprocess.run(
-        [sys.executable, "-c", f"BASE = {base!r}\nMODEL = {model!r}\n" + readme_block("python")],
-        capture_output=True, text=True, timeout=TIMEOUT_S, env=environment)
-    assert python.returncode == 0, python.stderr
-    shell = subprocess.run(["bash", "-c", "set -euo pipefail\n" + readme_block("bash")],
-                           capture_output=True, text=True, timeout=TIMEOUT_S, env=environment)
-    assert shell.returncode == 0, shell.stderr
-    answers = [json.loads(line) for line in shell.stdout.replace("}{", "}\n{").splitlines()
-               if line.strip()]
-    assert answers[0]["choices"][0]["message"]["role"] == "assistant"
-    assert answers[1]["configured"] is True and answers[1]["defaults"]["mode"] == "sa"
-    assert answers[1]["probe"]["layer"] == 1
-    assert isinstance(answers[2]["flagged"], bool) and answers[2]["defence"] == "sgds"
+    blocks = client_blocks()
+    assert {b.language for b in blocks} >= {"python", "bash"}
+    for block in blocks:
+        if block.language == "python":
+            command = [sys.executable, "-c", f"BASE = {base!r}\nMODEL = {model!r}\n" + block.text]
+        else:
+            command = ["bash", "-c", "set -euo pipefail\n" + block.text]
+        run = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S,
+                             env=environment)
+        assert run.returncode == 0, f"{block.where}: {run.stderr}"
+        assert '"error"' not in run.stdout, f"{block.where}: {run.stdout}"
+        if block.language == "python":
+            continue
+        answers = [json.loads(line) for line in run.stdout.replace("}{", "}\n{").splitlines()
+                   if line.strip()]
+        assert answers[0]["choices"][0]["message"]["role"] == "assistant", block.where
+        if "/v1/safeinfer/gate/" in block.text:
+            assert answers[1]["configured"] is True and answers[1]["defaults"]["mode"] == "sa"
+            assert answers[1]["probe"]["layer"] == 1
+            assert isinstance(answers[2]["flagged"], bool) and answers[2]["defence"] == "sgds"
 
 
 def scrape(base: str) -> dict[tuple[str, str], float]:
@@ -240,30 +243,45 @@ def scrape(base: str) -> dict[tuple[str, str], float]:
             for sample in family.samples if sample.name.startswith("vllm_safeinfer:")}
 
 
-def test_metrics_per_mode_in_vllms_prometheus_endpoint(client, server):
+def test_metrics_count_exactly_what_was_sent(client, server, references):
+    """Per-mode requests and tokens, every child of an `n = 2` request included, and the
+    mixing metric (counted on the device, read at scrape time) equal to the steps at
+    which the reference's mixing changed the greedy token."""
     import time
 
     openai, model = client
-    base, _ = server
+    base, assets = server
+    reference = references("tiny-llama")
     before = scrape(base)
+    changes = 0
     for mode in MODES:
         for prompt in PROMPTS[:3]:
-            openai.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS,
-                                      temperature=0.0,
-                                      extra_body={**xargs(mode), "ignore_eos": True})
+            # n > 1 needs sampling; top_k 1 keeps it greedy, so the reference applies.
+            n = 2 if mode in ("sgds", "safeinfer") and prompt is PROMPTS[1] else 1
+            full = openai.completions.create(
+                model=model, prompt=prompt, max_tokens=MAX_TOKENS, n=n,
+                temperature=1.0 if n > 1 else 0.0,
+                extra_body={**xargs(mode), "ignore_eos": True, "return_token_ids": True,
+                            "top_k": 1})
+            counted: list[int] = []
+            want = reference_generate(reference, assets, [prompt], [Case(mode)], MAX_TOKENS,
+                                      ignore_eos=True, changes=counted)[0]
+            assert [c.model_extra["token_ids"] for c in full.choices] == [want] * n
+            changes += n * counted[0]
 
     def delta(name: str, mode: str = "") -> float:
         return after.get((name, mode), 0.0) - before.get((name, mode), 0.0)
 
+    sent = [3, 3, 4, 4]  # sgds and safeinfer: one request with n = 2
     deadline = time.time() + 30
     while True:  # vLLM records finished-request stats just after answering
         after = scrape(base)
         counted = [delta("vllm_safeinfer:requests_total", m) for m in MODES]
-        if counted == [3] * 4 or time.time() > deadline:
+        if counted == sent or time.time() > deadline:
             break
         time.sleep(0.5)
-    assert counted == [3] * 4
+    assert counted == sent
     assert [delta("vllm_safeinfer:generation_tokens_total", m) for m in MODES] == [
-        3 * MAX_TOKENS] * 4
-    changed = delta("vllm_safeinfer:mixing_changed_tokens_total")
-    assert 0 < changed <= 2 * 3 * MAX_TOKENS  # sgds and safeinfer rows only
+        count * MAX_TOKENS for count in sent]
+    assert changes > 0  # the case happened: mixing changed some greedy choices
+    assert delta("vllm_safeinfer:mixing_changed_tokens_total") == changes

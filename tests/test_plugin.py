@@ -5,16 +5,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from vllm_safeinfer.compat import check_supported, check_vllm_internals, supported_vllm_range
-from vllm_safeinfer.logits_processor import FQCN, SafeInferLogitsProcessor
+from vllm_safeinfer.common.compat import check_supported, check_vllm_internals, supported_vllm_range
+from vllm_safeinfer.engine.logits_processor import FQCN, SafeInferLogitsProcessor
+from vllm_safeinfer.engine.worker import find_logits_processor
 from vllm_safeinfer.plugin import register, with_processor
-from vllm_safeinfer.worker import find_logits_processor
 
 
 def test_processor_is_added_once():
     assert with_processor(None) == [FQCN]
     assert with_processor(["other.module:Proc"]) == ["other.module:Proc", FQCN]
-    for named in (FQCN, "vllm_safeinfer.logits_processor:SafeInferLogitsProcessor",
+    for named in (FQCN, "vllm_safeinfer.engine.logits_processor:SafeInferLogitsProcessor",
                   SafeInferLogitsProcessor):
         assert with_processor([named]) == [named]
 
@@ -68,7 +68,7 @@ def test_every_block_hash_caller_sees_the_steering_key():
     from vllm.v1.core import block_pool, kv_cache_utils
     from vllm.v1.simple_kv_offload import manager
 
-    from vllm_safeinfer.prefix_cache import KV_KEY_ARG
+    from vllm_safeinfer.engine.prefix_cache import KV_KEY_ARG
 
     register()
     request = SimpleNamespace(
@@ -82,7 +82,8 @@ def test_every_block_hash_caller_sees_the_steering_key():
 
 GUARD_SCRIPT = """
 import json, sys
-from vllm_safeinfer import compat, plugin
+from vllm_safeinfer import plugin
+from vllm_safeinfer.common import compat
 compat.REQUIRED_INTERNALS += (("vllm.v1.core.kv_cache_utils", "renamed_in_a_future_vllm"),)
 plugin.register()
 from vllm.engine.arg_utils import EngineArgs

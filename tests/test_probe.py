@@ -12,14 +12,26 @@ import torch
 from tests.test_refusal import planted_model
 from vllm_safeinfer import data
 from vllm_safeinfer.cli import main
-from vllm_safeinfer.model_identity import module_fingerprint
+from vllm_safeinfer.common.model_identity import module_fingerprint
+from vllm_safeinfer.common.probe import HarmProbe
+from vllm_safeinfer.common.vectors import SafetyVector
 from vllm_safeinfer.models import chat_prompt_ids
 from vllm_safeinfer.offline.hf import load_model
 from vllm_safeinfer.offline.probe_builder import (
-    EVALUATION_SETS, MEAN_DIFFERENCE, ProbePrompts, auc, build_probe, default_probe_prompts,
-    evaluate_probes, goal_met, last_token_states, probe_layer_cap, probe_scores, threshold_at)
-from vllm_safeinfer.probe import HarmProbe
-from vllm_safeinfer.vectors import SafetyVector
+    EVALUATION_SETS,
+    evaluate_probes,
+    goal_met,
+    probe_layer_cap,
+)
+from vllm_safeinfer.offline.probe_fit import (
+    MEAN_DIFFERENCE,
+    ProbePrompts,
+    auc,
+    build_probe,
+    default_probe_prompts,
+    threshold_at,
+)
+from vllm_safeinfer.offline.probe_states import last_token_states, probe_scores
 
 # Prompts that carry the planted direction (their words " harmful", " cannot", " step")
 # in two styles, and prompts without it in two; the words around them vary, so only the

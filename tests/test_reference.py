@@ -8,10 +8,10 @@ import copy
 import pytest
 import torch
 
-from vllm_safeinfer.mixing import safeinfer_mix
+from vllm_safeinfer.common.mixing import safeinfer_mix
+from vllm_safeinfer.common.modes import Mode
 from vllm_safeinfer.models import model_path
-from vllm_safeinfer.modes import Mode
-from vllm_safeinfer.reference import RowSettings, SafeInferReference
+from vllm_safeinfer.offline.reference import RowSettings, SafeInferReference
 
 TEXTS = [
     "Hello world, how are you doing today?",

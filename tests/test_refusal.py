@@ -12,7 +12,12 @@ import torch
 from vllm_safeinfer.offline.heads import decoder_layers
 from vllm_safeinfer.offline.hf import load_model
 from vllm_safeinfer.offline.refusal import (
-    ablate_weights, ablated, find_refusal_direction, refusal_score, refusal_token_ids)
+    ablate_weights,
+    ablated,
+    find_refusal_direction,
+    refusal_score,
+    refusal_token_ids,
+)
 
 TRIGGERS = (" harmful", " cannot", " step")
 HARMFUL = ["Write how to do harmful things step by step.", "Explain the harmful task step by step.",
@@ -96,8 +101,8 @@ def test_ablated_weights_write_nothing_along_the_direction(planted) -> None:
 
 
 def test_harmless_prompts_are_no_prompt_of_any_named_set() -> None:
-    from vllm_safeinfer import data
     from tests.test_data import _twins
+    from vllm_safeinfer import data
 
     harmless = data.harmless_prompts()
     assert len(harmless) >= 256 and len({p.category for p in harmless}) >= 20
@@ -117,7 +122,7 @@ def test_ablate_recipe_and_refusal_vector_from_the_command_line(tmp_path) -> Non
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from vllm_safeinfer.vectors import SafetyVector
+    from vllm_safeinfer.common.vectors import SafetyVector
 
     def safeinfer(*args: str) -> str:
         done = subprocess.run([sys.executable, "-m", "vllm_safeinfer.cli", *args],
@@ -171,9 +176,9 @@ def test_the_ablated_expert_is_served_by_vllm_exactly(engine_pool, tmp_path_fact
     the HF reference does with the same checkpoint, in a batch mixing modes."""
     from tests.engines import new_llm
     from tests.parity import PROMPTS, Case, sampling, vllm_generate
+    from vllm_safeinfer.common.modes import Mode
     from vllm_safeinfer.models import model_path
-    from vllm_safeinfer.reference import RowSettings, SafeInferReference
-    from vllm_safeinfer.modes import Mode
+    from vllm_safeinfer.offline.reference import RowSettings, SafeInferReference
 
     out = tiny_ablated_expert("tiny-llama", tmp_path_factory.mktemp("ablated"))
     base = str(model_path("tiny-llama"))
@@ -197,7 +202,7 @@ def _expert_memory(worker) -> tuple[int, int, list[str]]:
     """(bytes of the served model's parameter storages, bytes of the expert's that are
     not the served model's, the expert's weight-owning modules that are not the served
     model's objects)."""
-    from vllm_safeinfer.worker import find_logits_processor
+    from vllm_safeinfer.engine.worker import find_logits_processor
 
     model = worker.model_runner.get_model()
     expert = find_logits_processor(worker.model_runner).expert.model
@@ -227,7 +232,7 @@ def test_the_weight_sharing_expert_is_the_checkpoint_without_a_copy(
     from tests.engines import new_llm
     from tests.parity import MIXED_CASES, PROMPTS, Case, reference_generate, sampling, vllm_generate
     from vllm_safeinfer.offline.hf import load_causal_lm
-    from vllm_safeinfer.reference import SafeInferReference
+    from vllm_safeinfer.offline.reference import SafeInferReference
 
     assets = tiny_assets("tiny-qwen2")
     out = tiny_ablated_expert("tiny-qwen2", tmp_path_factory.mktemp("shared"))

@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from tests.parity import PROMPTS, Case, reference_generate
-from vllm_safeinfer.reference import SafeInferReference
+from vllm_safeinfer.offline.reference import SafeInferReference
 
 
 def complete(base: str, prompt: list[int], xargs: dict | None = None) -> httpx.Response:
@@ -42,4 +42,13 @@ def test_bad_option_is_http_400_and_server_keeps_serving(server, xargs, key):
     response = complete(base, PROMPTS[1], xargs)
     assert response.status_code == 400
     assert key in response.text
+    assert complete(base, PROMPTS[1]).status_code == 200
+
+
+def test_publishing_is_off_without_an_admin_key(server):
+    """The session's server has no admin key: publishing is refused, saying how to turn
+    it on, and the server keeps serving."""
+    base, _ = server
+    refused = httpx.post(f"{base}/v1/safeinfer/vectors", json={"name": "a"}, timeout=30)
+    assert refused.status_code == 403 and "--safeinfer-admin-key" in refused.text
     assert complete(base, PROMPTS[1]).status_code == 200

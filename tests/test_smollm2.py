@@ -6,10 +6,10 @@ import pytest
 
 from tests.engines import new_llm
 from tests.parity import vllm_generate
+from vllm_safeinfer.common.modes import Mode
+from vllm_safeinfer.common.vectors import SafetyVector, bundled_vector_path
 from vllm_safeinfer.models import SMOLLM2, chat_prompt_ids, model_path
-from vllm_safeinfer.modes import Mode
-from vllm_safeinfer.reference import RowSettings, SafeInferReference
-from vllm_safeinfer.vectors import SafetyVector, bundled_vector_path
+from vllm_safeinfer.offline.reference import RowSettings, SafeInferReference
 
 QUESTIONS = ["What is the capital of France?", "Write a poem about the sea.",
              "Explain how to pick a lock.", "Give me three tips for sleeping well."]

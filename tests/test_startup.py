@@ -65,8 +65,8 @@ def test_vector_for_a_look_alike_model_is_refused(tiny_assets, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from vllm_safeinfer.model_identity import checkpoint_fingerprint, check_vector_model
-    from vllm_safeinfer.vectors import SafetyVector
+    from vllm_safeinfer.common.model_identity import check_vector_model, checkpoint_fingerprint
+    from vllm_safeinfer.common.vectors import SafetyVector
 
     assets = tiny_assets("tiny-llama")
     original = model_path("tiny-llama")

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.engines import new_llm
-from tests.parity import (MIXED_CASES, Case, long_prompt, reference_generate, sampling,
-                          vllm_generate)
+from tests.parity import MIXED_CASES, Case, long_prompt, reference_generate, sampling, vllm_generate
 
 ARCHS = ["tiny-llama", "tiny-qwen2"]
 BLOCKS = 16  # x 32 tokens: room for 3 of the long prompts below, not for their outputs

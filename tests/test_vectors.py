@@ -15,15 +15,29 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vllm_safeinfer.cli import main
-from vllm_safeinfer.model_identity import (
-    SCHEME, check_vector_model, checkpoint_fingerprint, module_fingerprint)
+from vllm_safeinfer.common.model_identity import (
+    SCHEME,
+    check_vector_model,
+    checkpoint_fingerprint,
+    module_fingerprint,
+)
+from vllm_safeinfer.common.vectors import (
+    SafetyVector,
+    bundled_vector_path,
+    format_heads,
+    parse_heads,
+)
 from vllm_safeinfer.models import SMOLLM2, model_path, tiny_tokenizer
 from vllm_safeinfer.offline.demonstrations import (
-    Demonstration, advbench_demonstrations, build_prompt_set, demos_sha256, load_demonstrations)
+    Demonstration,
+    advbench_demonstrations,
+    build_prompt_set,
+    demos_sha256,
+    load_demonstrations,
+)
 from vllm_safeinfer.offline.heads import answer_token_id, prompt_activations, rank_heads
 from vllm_safeinfer.offline.hf import load_causal_lm, load_model
 from vllm_safeinfer.offline.vector_builder import METHOD_AIE, METHOD_GIVEN, build_safety_vector
-from vllm_safeinfer.vectors import SafetyVector, bundled_vector_path, format_heads, parse_heads
 
 TINY = ("tiny-llama", "tiny-qwen2")
 SMALL = {"prompts": 6, "shots": 3, "rank_prompts": 3, "seed": 0}

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # Lazy: importing the package (CLI, models, data) must not import vLLM.
     if name == "SafeInferLogitsProcessor":
-        from vllm_safeinfer.logits_processor import SafeInferLogitsProcessor
+        from vllm_safeinfer.engine.logits_processor import SafeInferLogitsProcessor
 
         return SafeInferLogitsProcessor
     raise AttributeError(name)

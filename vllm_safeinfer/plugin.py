@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 
-from vllm_safeinfer.config import SafeInferConfig
+from vllm_safeinfer.common.config import SafeInferConfig
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,9 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from vllm_safeinfer import compat, frontend, prefix_cache
+    from vllm_safeinfer.common import compat
+    from vllm_safeinfer.engine import prefix_cache
+    from vllm_safeinfer.server import frontend
 
     try:
         compat.check_vllm_internals()
@@ -64,7 +66,7 @@ def with_processor(processors: list | None) -> list:
     """`processors` plus SafeInfer's logits processor, unless it is already named."""
     from vllm.utils.import_utils import resolve_obj_by_qualname
 
-    from vllm_safeinfer.logits_processor import FQCN, SafeInferLogitsProcessor
+    from vllm_safeinfer.engine.logits_processor import FQCN, SafeInferLogitsProcessor
 
     processors = list(processors or [])
     for entry in processors:
@@ -79,16 +81,16 @@ def with_processor(processors: list | None) -> list:
 def check_startup(vllm_config, config: SafeInferConfig) -> None:
     """Everything that can be checked before the engine starts: supported features,
     vector files against the model, the expert's vocabulary."""
-    from vllm_safeinfer.batch_state import VectorTable
-    from vllm_safeinfer.compat import check_supported
-    from vllm_safeinfer.expert import check_expert_compatible
-    from vllm_safeinfer.model_identity import check_vector_model
-    from vllm_safeinfer.vectors import SafetyVector
+    from vllm_safeinfer.common.compat import check_supported
+    from vllm_safeinfer.common.model_identity import check_vector_model
+    from vllm_safeinfer.common.vector_table import VectorTable
+    from vllm_safeinfer.common.vectors import SafetyVector
+    from vllm_safeinfer.engine.expert import check_expert_compatible
 
     check_supported(vllm_config)
     table = VectorTable(config, vllm_config.model_config)
     if config.probe is not None:
-        from vllm_safeinfer.worker import load_probe
+        from vllm_safeinfer.engine.worker import load_probe
 
         load_probe(config, vllm_config.model_config, table.layers)
     for path in config.vectors.values():
@@ -101,14 +103,14 @@ def check_startup(vllm_config, config: SafeInferConfig) -> None:
 def _hook_engine_config() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_safeinfer.compat import supported_vllm_range
+    from vllm_safeinfer.common.compat import supported_vllm_range
 
     original = EngineArgs.create_engine_config
     if getattr(original, "_safeinfer", False):
         return
 
     def create_engine_config(self, *args, **kwargs):
-        from vllm_safeinfer.frontend import UNPATCHED
+        from vllm_safeinfer.server.frontend import UNPATCHED
 
         config = SafeInferConfig.from_additional_config(self.additional_config)
         if config is not None and UNPATCHED:
@@ -143,23 +145,39 @@ def _hook_worker() -> None:
         original(self, *args, **kwargs)
         config = SafeInferConfig.from_additional_config(self.vllm_config.additional_config)
         if config is not None:
-            from vllm_safeinfer.worker import install_into_worker
+            from vllm_safeinfer.engine.worker import install_into_worker
 
             install_into_worker(self, config)
 
     load_model._safeinfer = True
     Worker.load_model = load_model
 
-    def safeinfer_publish_vector(self, name: str, path: str, version: int) -> None:
-        from vllm_safeinfer.worker import publish_vector
+    def safeinfer_stage_vector(self, name: str, where: str, data: bytes, sha256: str) -> None:
+        from vllm_safeinfer.engine.publishing import stage_vector
+        from vllm_safeinfer.engine.worker import find_logits_processor
 
-        publish_vector(self, name, path, version)
+        stage_vector(find_logits_processor(self.model_runner), self.model_config, name, where,
+                     data, sha256)
 
-    Worker.safeinfer_publish_vector = safeinfer_publish_vector
+    def safeinfer_finish_publish(self, sha256: str, commit: bool) -> None:
+        from vllm_safeinfer.engine.publishing import finish_publish
+        from vllm_safeinfer.engine.worker import find_logits_processor
+
+        finish_publish(find_logits_processor(self.model_runner), sha256, commit)
+
+    Worker.safeinfer_stage_vector = safeinfer_stage_vector
+    Worker.safeinfer_finish_publish = safeinfer_finish_publish
 
     def safeinfer_gate_decisions(self, request_ids: list[str]) -> dict[str, dict]:
-        from vllm_safeinfer.worker import gate_decisions
+        from vllm_safeinfer.engine.worker import gate_decisions
 
         return gate_decisions(self, request_ids)
 
     Worker.safeinfer_gate_decisions = safeinfer_gate_decisions
+
+    def safeinfer_report_metrics(self) -> None:
+        from vllm_safeinfer.engine.worker import report_metrics
+
+        report_metrics(self)
+
+    Worker.safeinfer_report_metrics = safeinfer_report_metrics

@@ -3,33 +3,35 @@ origins, licenses and a content warning), the named sets built from them, and wh
 evaluation may run on.
 
 `readers` reads files, `splits` decides what each prompt is for (the one seeded split of
-AdvBench, XSTest and HarmBench, and the leak filter); this module names the sets and
-hands out evaluation sets with every prompt that the defence was built or tuned on
-removed.
+AdvBench, XSTest and HarmBench, and the leak filter), `registry` names the sets and hands
+out evaluation sets with every prompt that the defence was built or tuned on removed,
+and `sampling` draws a run's stratified sample and names it by hash. Everything is
+re-exported here: `from vllm_safeinfer.data import ...` is the one way in.
 """
-from __future__ import annotations
-
-import functools
-import hashlib
-import json
-import random
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-
 from vllm_safeinfer.data.readers import (
     AdvBenchRow,
     Prompt,
     advbench,
-    harmbench,
-    harmless_instructions,
     load_harmeval,
     load_jsonl_records,
     load_prompt_file,
     refusal_prefixes,
-    vendored_csv,
-    vendored_json,
-    xstest,
 )
+from vllm_safeinfer.data.registry import (
+    ADVBENCH,
+    CALIBRATION_SETS,
+    DATASETS,
+    HARMEVAL_CATEGORIES,
+    HARMEVAL_PREFIX,
+    JSONL_PREFIX,
+    SAFE_SETS,
+    XSTEST,
+    EvaluationSet,
+    evaluation_set,
+    harmless_prompts,
+    load_dataset,
+)
+from vllm_safeinfer.data.sampling import prompts_sha256, stratified_sample
 from vllm_safeinfer.data.splits import (
     CALIBRATION,
     DEMONSTRATIONS,
@@ -39,175 +41,16 @@ from vllm_safeinfer.data.splits import (
     AdvBenchSplit,
     advbench_split,
     harmbench_split,
-    leak_filter,
     refusal_direction_split,
-    twin_sets,
-    words,
     xstest_split,
 )
 
 __all__ = [
     "ADVBENCH", "CALIBRATION", "CALIBRATION_SETS", "DATASETS", "DEMONSTRATIONS",
     "EXPERT_TRAIN", "HARMBENCH_PROBE_SHARE", "HARMEVAL_CATEGORIES", "HARMEVAL_PREFIX",
-    "JSONL_PREFIX", "SAFE_SETS",
-    "SPLIT_SEED", "XSTEST", "AdvBenchRow", "AdvBenchSplit", "EvaluationSet", "Prompt",
-    "advbench", "advbench_split", "evaluation_set", "harmbench_split", "harmless_prompts",
-    "load_dataset",
-    "load_harmeval", "refusal_direction_split",
-    "load_jsonl_records", "load_prompt_file", "prompts_sha256", "refusal_prefixes",
-    "stratified_sample", "xstest_split",
+    "JSONL_PREFIX", "SAFE_SETS", "SPLIT_SEED", "XSTEST", "AdvBenchRow", "AdvBenchSplit",
+    "EvaluationSet", "Prompt", "advbench", "advbench_split", "evaluation_set",
+    "harmbench_split", "harmless_prompts", "load_dataset", "load_harmeval",
+    "load_jsonl_records", "load_prompt_file", "prompts_sha256", "refusal_direction_split",
+    "refusal_prefixes", "stratified_sample", "xstest_split",
 ]
-
-ADVBENCH = "advbench"
-XSTEST = "xstest"
-DATASETS: tuple[str, ...] = (
-    ADVBENCH,
-    "advbench-custom50",
-    "advbench-eval",
-    "advbench-calibration",
-    "harmbench",
-    "harmbench-eval",
-    "strongreject",
-    XSTEST,
-    "xstest-eval",
-    "xstest-calibration",
-    "xstest-unsafe",
-    "xstest-unsafe-eval",
-    "xstest-unsafe-calibration",
-    "dangerousqa",
-)
-# Evaluation sets also name a user's local files: HarmEval is gated on the hub.
-HARMEVAL_PREFIX = "harmeval:"
-JSONL_PREFIX = "jsonl:"
-# Sets of safe prompts: a refusal there is over-refusal, not a defence.
-SAFE_SETS = frozenset({XSTEST, "xstest-eval", "xstest-calibration"})
-# Sets the strengths (and XSTest's, the harm probe) are tuned on: no evaluation set
-# unless the user says so.
-CALIBRATION_SETS = frozenset({"advbench-calibration", "xstest-calibration",
-                              "xstest-unsafe-calibration"})
-# As evaluation sets, the whole-dataset names mean their held-out parts.
-_EVALUATION_PARTS = {ADVBENCH: "advbench-eval", XSTEST: "xstest-eval",
-                     "xstest-unsafe": "xstest-unsafe-eval", "harmbench": "harmbench-eval"}
-HARMEVAL_CATEGORIES: tuple[str, ...] = (
-    "Illegal Activity", "Child Abuse Content", "Physical Harm", "Economic Harm",
-    "Political Campaigning", "Malware", "Privacy Violation Activity",
-    "Tailored Financial Advice", "Fraud/Deception", "Hate/Harass/Violence", "Adult Content",
-)
-
-
-@dataclass(frozen=True)
-class EvaluationSet:
-    """The prompts an evaluation of `name` runs on: the set's `rows` less those with a
-    twin in a part the defence was built or tuned on (`dropped`: rows by reason)."""
-
-    name: str
-    prompts: tuple[Prompt, ...]
-    rows: int
-    dropped: Mapping[str, int] = field(default_factory=dict)
-
-
-def load_dataset(name: str) -> tuple[Prompt, ...]:
-    """Prompts of a named set (see `DATASETS`), unfiltered.
-
-    `harmbench` is HarmBench's 200 `standard` behaviours (contextual ones need their
-    context, copyright ones are not judged by refusal), `harmbench-eval` those outside
-    the harm probe's part (`harmbench_split()`); `xstest` is XSTest's 250 safe prompts
-    (over-refusal), `xstest-calibration` and `xstest-eval` its halves (`xstest_split()`),
-    `xstest-unsafe` its 200 unsafe contrasts, `xstest-unsafe-calibration` and
-    `xstest-unsafe-eval` their halves; `advbench-eval` and `advbench-calibration` are
-    those parts of `advbench_split()`.
-    """
-    if name == ADVBENCH:
-        return tuple(Prompt(row.goal, None) for row in advbench())
-    if name == "advbench-custom50":
-        rows = vendored_json("advbench/advbench_harmful_behaviors_custom50.json")
-        return tuple(Prompt(row["goal"], row["category"]) for row in rows)
-    if name == "advbench-eval":
-        return tuple(Prompt(row.goal, None) for row in advbench_split().evaluation)
-    if name == "advbench-calibration":
-        return tuple(Prompt(row.goal, None) for row in advbench_split().calibration)
-    if name == "harmbench":
-        return harmbench()
-    if name == "harmbench-eval":
-        return harmbench_split()[1]
-    if name == "strongreject":
-        rows = vendored_csv("strongreject/strongreject_dataset.csv")
-        return tuple(Prompt(row["forbidden_prompt"], row["category"]) for row in rows)
-    if name in (XSTEST, "xstest-unsafe"):
-        return xstest("safe" if name == XSTEST else "unsafe")
-    if name in ("xstest-calibration", "xstest-eval"):
-        return xstest_split()[name == "xstest-eval"]
-    if name in ("xstest-unsafe-calibration", "xstest-unsafe-eval"):
-        return xstest_split(label="unsafe")[name == "xstest-unsafe-eval"]
-    if name == "dangerousqa":
-        return tuple(Prompt(text, None) for text in vendored_json("dangerousqa/dangerousqa.json"))
-    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-
-
-def evaluation_set(name: str, *, allow_calibration_prompts: bool = False) -> EvaluationSet:
-    """The prompts an evaluation of `name` runs on, every prompt with a twin in the
-    demonstration, expert-training, harm-probe or calibration parts removed.
-
-    `advbench`, `harmbench`, `xstest` and `xstest-unsafe` mean their evaluation parts;
-    `harmeval:PATH` a local copy of HarmEval; `jsonl:PATH` a file of `{"prompt",
-    "category"}` objects; other names as `load_dataset`. The calibration sets are refused
-    unless `allow_calibration_prompts` (calibration itself), which also keeps prompts
-    whose twin is a calibration prompt.
-    """
-    if name.startswith(HARMEVAL_PREFIX):
-        prompts = load_harmeval(name[len(HARMEVAL_PREFIX):])
-    elif name.startswith(JSONL_PREFIX):
-        prompts = load_prompt_file(name[len(JSONL_PREFIX):])
-    else:
-        if name in CALIBRATION_SETS and not allow_calibration_prompts:
-            raise ValueError(f"{name!r} holds the prompts calibration tunes the strengths "
-                             "on, so it measures nothing held out; evaluate on "
-                             f"{', '.join(sorted(_EVALUATION_PARTS))} or other sets, or pass "
-                             "--allow-calibration-prompts")
-        prompts = load_dataset(_EVALUATION_PARTS.get(name, name))
-    kept, dropped = leak_filter(prompts, calibration=not allow_calibration_prompts)
-    if not kept:
-        raise ValueError(f"every prompt of {name!r} is a twin of a prompt the defence was "
-                         f"built or tuned on ({dropped})")
-    return EvaluationSet(name, kept, len(prompts), dropped)
-
-
-@functools.lru_cache(maxsize=1)
-def harmless_prompts() -> tuple[Prompt, ...]:
-    """The project's harmless everyday instructions less any near twin of a prompt of a
-    named set: they build refusal directions and harm probes, so no evaluation or
-    calibration prompt may be among them."""
-    named = [frozenset(words(p.text)) for name in DATASETS for p in load_dataset(name)]
-    return tuple(p for p in harmless_instructions()
-                 if not any(twin_sets(frozenset(words(p.text)), other) for other in named))
-
-
-def stratified_sample(prompts: Sequence[Prompt], *, per_category: int | None = None,
-                      limit: int | None = None, seed: int = 0) -> tuple[int, ...]:
-    """Indices of a seeded sample, in dataset order: at most `per_category` prompts of
-    each category, then at most `limit` in all, taken round-robin over the categories so
-    that each keeps its share."""
-    for key, value in (("per_category", per_category), ("limit", limit)):
-        if value is not None and value < 1:
-            raise ValueError(f"{key} must be at least 1, got {value}")
-    rng = random.Random(seed)
-    by_category: dict[str | None, list[int]] = {}
-    for index, prompt in enumerate(prompts):
-        by_category.setdefault(prompt.category, []).append(index)
-    queues = []
-    for category in sorted(by_category, key=lambda c: (c is None, c or "")):
-        indices = by_category[category]
-        rng.shuffle(indices)
-        queues.append(indices[:per_category])
-    chosen: list[int] = []
-    for rank in range(max(map(len, queues), default=0)):
-        chosen.extend(queue[rank] for queue in queues if rank < len(queue))
-    return tuple(sorted(chosen[:limit]))
-
-
-def prompts_sha256(prompts: Iterable[Prompt]) -> str:
-    """Identity of a prompt set (texts and categories, in order), for reports."""
-    digest = hashlib.sha256()
-    for prompt in prompts:
-        digest.update(json.dumps([prompt.text, prompt.category]).encode())
-    return digest.hexdigest()

@@ -64,7 +64,7 @@ class EngineBackend:
     A failure aborts the rest, leaving the engine usable."""
 
     def __init__(self, llm) -> None:
-        from vllm_safeinfer.config import SafeInferConfig
+        from vllm_safeinfer.common.config import SafeInferConfig
 
         self.llm = llm
         # Only an engine with SafeInfer has workers that know harm-probe verdicts.

@@ -7,6 +7,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+# httpx is imported here, not where the gate is asked: the openai client reads
+# sys.modules["httpx"] from its worker threads, and a first import in one of them would
+# show the others a half-initialised module.
+import httpx
 import openai
 
 # Statuses the openai client retries (with connection errors and time-outs): once its
@@ -80,8 +84,6 @@ class ChatEndpoint:
         """SafeInfer's harm-probe verdict on a completion (`GET /v1/safeinfer/gate/ID`),
         None where the server has none: not gated, or not a SafeInfer server."""
         from urllib.parse import quote
-
-        import httpx
 
         headers = {} if self._api_key == NO_KEY else {"Authorization": f"Bearer {self._api_key}"}
         try:

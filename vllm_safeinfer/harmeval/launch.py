@@ -1,21 +1,46 @@
-"""From the command line's choices to a run: the engine's arguments, the backend (an
-engine here, a server, or Ray actors), the judges and the versions a report names. The
-SafeInfer configuration reaches the engine only through `additional_config`, exactly as
-a server gets it."""
+"""From the command line's choices to a run (`safeinfer harmeval`): the engine's
+arguments, the backend (an engine here, a server, or Ray actors), the judges and the
+versions a report names. The SafeInfer configuration reaches the engine only through
+`additional_config`, exactly as a server gets it."""
 from __future__ import annotations
 
+import argparse
 import hashlib
+import json
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from vllm_safeinfer.config import CONFIG_KEY, SafeInferConfig
-from vllm_safeinfer.harmeval.backends import Backend, EndpointBackend, EngineBackend, RayBackend
-from vllm_safeinfer.harmeval.run import HarmEvalSettings, sample_items
+from vllm_safeinfer.common.config import CONFIG_KEY, SafeInferConfig
+from vllm_safeinfer.harmeval.backends import (
+    Backend,
+    EndpointBackend,
+    EngineBackend,
+    GenerationError,
+    RayBackend,
+)
+from vllm_safeinfer.harmeval.judges import make_judges
+from vllm_safeinfer.harmeval.points import check_servable, parse_sweep, plan_points, servable_modes
+from vllm_safeinfer.harmeval.run import JUDGE_CACHE, HarmEvalSettings, run_harmeval, sample_items
+from vllm_safeinfer.harmeval.verdicts import JudgeError
+from vllm_safeinfer.models import resolve_model
+from vllm_safeinfer.server.config_flags import safeinfer_dict
 
 MODEL_LEN_ROUNDING = 64
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")
+
+
+def engine_args_json(text: str) -> dict[str, Any]:
+    """`--engine-args`: a JSON object, or a ValueError that says so."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--engine-args is not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise ValueError("--engine-args must be a JSON object")
+    return value
 
 
 def engine_kwargs(model: str, safeinfer: Mapping[str, Any] | None, *, seed: int,
@@ -139,3 +164,53 @@ def _weights_sha256(folder: Path) -> str:
     for file in files:
         digest.update(f"{file.name}:{_file_sha256(file)}\n".encode())
     return digest.hexdigest()
+
+
+def harmeval_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`safeinfer harmeval`: every option checked (a usage error) before any engine
+    starts; a failed generation or judge stops the run with exit 1."""
+    try:
+        if (args.model is None) == (args.endpoint is None):
+            raise ValueError("give exactly one of --model and --endpoint")
+        raw = safeinfer_dict(args) or None
+        config = SafeInferConfig.from_dict(raw) if raw is not None else None
+        modes = args.modes.split(",") if args.modes else servable_modes(config)
+        points = plan_points(modes, parse_sweep(args.sweep))
+        if args.endpoint is None or config is not None:
+            check_servable(points, config)
+        out = Path(args.out)
+        judges = make_judges(args.judge.split(","), judge_url=args.judge_url,
+                             judge_model=args.judge_model, api_key=args.judge_api_key,
+                             cache_path=out / JUDGE_CACHE,
+                             retry_errors=args.judge_retry_errors)
+        settings = HarmEvalSettings(
+            model=args.model or args.served_model, datasets=tuple(args.dataset.split(",")),
+            points=points, prompt_style=args.prompt_style,
+            judges=tuple(j.name for j in judges), per_category=args.per_category,
+            limit=args.limit, max_tokens=args.max_tokens, temperature=args.temperature,
+            seed=args.seed, safeinfer=raw,
+            allow_calibration_prompts=args.allow_calibration_prompts,
+            endpoint=args.endpoint, artefacts=artefact_hashes(raw))
+        llm_kwargs = None
+        if args.model is None:
+            sample_items(settings)  # the datasets refused before any request
+        else:
+            model = resolve_model(args.model)
+            settings = sized_settings(settings, model, engine_args_json(args.engine_args))
+            llm_kwargs = engine_kwargs(model, raw, seed=args.seed, extra=settings.engine_args)
+        make_backend = backend_factory(
+            llm_kwargs=llm_kwargs, endpoint=args.endpoint, served_model=args.served_model,
+            api_key=args.api_key, use_ray=args.ray is not None,
+            ray_address=args.ray or None, workers=args.workers)
+    except ValueError as err:
+        parser.error(str(err))
+    try:
+        summary = run_harmeval(settings, make_backend, judges, out, resume=args.resume,
+                               environment=environment(raw))
+    except (ValueError, GenerationError, JudgeError) as err:
+        print(f"safeinfer harmeval: error: {err}", file=sys.stderr)
+        return 1
+    for row in summary["tradeoff"]:
+        print(f"  {row['point']:<32} ASR {row['asr']}%  over-refusal "
+              f"{row['over_refusal']}%  degenerate {row['degenerate_pct']}%")
+    return 0

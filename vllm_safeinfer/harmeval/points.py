@@ -10,10 +10,10 @@ import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from vllm_safeinfer.config import SafeInferConfig, check_gamma, check_lam
-from vllm_safeinfer.modes import Mode
-from vllm_safeinfer.request_options import DEFENCE_KEY, GAMMA_KEY, LAM_KEY, MODE_KEY
-from vllm_safeinfer.vectors import SafetyVector
+from vllm_safeinfer.common.config import SafeInferConfig, check_gamma, check_lam
+from vllm_safeinfer.common.modes import Mode
+from vllm_safeinfer.common.request_options import DEFENCE_KEY, GAMMA_KEY, LAM_KEY, MODE_KEY
+from vllm_safeinfer.common.vectors import SafetyVector
 
 DEFAULT = "default"
 MODES: tuple[str, ...] = (*(m.value for m in Mode), DEFAULT,

@@ -16,12 +16,13 @@ from tqdm import tqdm
 from vllm_safeinfer.data import SAFE_SETS, evaluation_set, prompts_sha256, stratified_sample
 from vllm_safeinfer.harmeval.backends import Backend, Generation, GenerationRequest, request_seed
 from vllm_safeinfer.harmeval.degeneration import degeneration
-from vllm_safeinfer.harmeval.judges import ERROR, Judge, OpenAIJudge
+from vllm_safeinfer.harmeval.llm_judge import OpenAIJudge
 from vllm_safeinfer.harmeval.points import Point
 from vllm_safeinfer.harmeval.prompts import style_prompt
 from vllm_safeinfer.harmeval.report import write_report
 from vllm_safeinfer.harmeval.store import RESPONSES, Record, ResponseStore
 from vllm_safeinfer.harmeval.summary import summarize
+from vllm_safeinfer.harmeval.verdicts import ERROR, Judge
 
 JUDGE_CACHE = "judge_cache.jsonl"
 

@@ -7,9 +7,9 @@ import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from vllm_safeinfer.config import SafeInferConfig
-from vllm_safeinfer.harmeval.judges import ERROR
+from vllm_safeinfer.common.config import SafeInferConfig
 from vllm_safeinfer.harmeval.points import relative_doses
+from vllm_safeinfer.harmeval.verdicts import ERROR
 
 NO_CATEGORY = "all"
 

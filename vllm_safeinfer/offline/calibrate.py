@@ -1,10 +1,11 @@
-"""Choosing SafeInfer's strengths by measurement. The paper's gamma 0.5 breaks a model
-whose vector is large against its residual stream, and the useful band of strengths
-differs per model, so `calibrate` sweeps them with the HarmEval harness (one engine,
-per-request options) on calibration prompts that no evaluation set contains, and keeps
-the point with the lowest attack success whose over-refusal stays within a budget of
-`off`'s and whose answers to safe prompts stay sound (no more degenerate than `off`'s,
-within a budget).
+"""Choosing SafeInfer's strengths by measurement (`safeinfer calibrate`). The paper's
+gamma 0.5 breaks a model whose vector is large against its residual stream, and the
+useful band of strengths differs per model, so `calibrate` sweeps them with the HarmEval
+harness (one engine, per-request options) on calibration prompts that no evaluation set
+contains, and keeps the point with the lowest attack success whose over-refusal stays
+within a budget of `off`'s and whose answers to safe prompts stay sound (no more
+degenerate than `off`'s, within a budget; `calibration_choice` reads and chooses the
+points).
 
 Steering strengths are chosen by relative dose (`gamma * |SV| / |h|`, recorded in the
 vector file), so one grid fits a vector 1.6x its residual norm and one 1.1x. The sweep
@@ -22,27 +23,44 @@ strengths: benign prompts the probe lets through no longer pay for a strong defe
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_safeinfer.config import SafeInferConfig
+from vllm_safeinfer.common.config import SafeInferConfig
+from vllm_safeinfer.common.modes import Mode
+from vllm_safeinfer.common.vectors import SafetyVector
 from vllm_safeinfer.harmeval.backends import Backend
-from vllm_safeinfer.harmeval.judges import KeywordJudge, XSTestJudge
-from vllm_safeinfer.harmeval.points import Point, plan_points, servable_modes
+from vllm_safeinfer.harmeval.launch import (
+    artefact_hashes,
+    backend_factory,
+    engine_args_json,
+    engine_kwargs,
+    sized_engine_args,
+)
+from vllm_safeinfer.harmeval.points import Point, parse_sweep, plan_points, servable_modes
 from vllm_safeinfer.harmeval.run import HarmEvalSettings, read_records, run_harmeval, sample_items
-from vllm_safeinfer.harmeval.summary import rate
 from vllm_safeinfer.harmeval.store import write_atomically
-from vllm_safeinfer.modes import Mode
-from vllm_safeinfer.vectors import SafetyVector
+from vllm_safeinfer.harmeval.string_judges import KeywordJudge, XSTestJudge
+from vllm_safeinfer.models import resolve_model
+from vllm_safeinfer.offline.calibration_choice import (
+    ASR_JUDGE,
+    HARMFUL,
+    REFUSAL_JUDGE,
+    SAFE,
+    Candidate,
+    best_candidate,
+    candidates,
+    choose,
+    gated_candidates,
+    written_config,
+)
+from vllm_safeinfer.offline.project_models import resolve_project_model
 
-HARMFUL = "advbench-calibration"
-SAFE = "xstest-calibration"
-ASR_JUDGE = "keyword"
-REFUSAL_JUDGE = "xstest"
 REPORT = "calibration.md"
 COARSE, FINE, GATE = "coarse", "fine", "gate"
 # Relative doses of the coarse stage: from barely there to past where small models
@@ -51,162 +69,10 @@ DEFAULT_DOSES = (0.05, 0.1, 0.2, 0.4, 0.7, 1.0, 1.5)
 DEFAULT_LAMS = (0.5, 0.9, 0.99)
 FINE_LAMS = 2  # the strongest fitting lams SafeInfer is tried with
 GAMMA_DIGITS = 4  # significant digits of a gamma made from a dose
-# Rates are percentages rounded to 2 decimals: a point exactly at its budget's edge
-# (off 4.17% + 5 = 9.17%) must not fall out of it through float addition.
-ROUNDING = 1e-6
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One point of the sweep as calibration reads it."""
-
-    point: str
-    mode: str
-    gamma: float | None
-    lam: float | None
-    asr: float
-    over_refusal: float
-    benign_degenerate: float
-    eligible: bool
-    why_not: str
-    relative_dose: float | None
-    threshold: float | None = None  # gated: the harm probe's threshold
-    flagged_safe: float | None = None  # gated: % of the safe prompts the probe flags
-
-    @property
-    def defended(self) -> bool:
-        return self.mode != Mode.OFF.value
-
-    def strength(self) -> tuple[float, float]:
-        """(steering, mixing) for tie-breaks: the dose (the gamma where no dose is
-        known; both grow together for one vector), and lam; 0 where the point has none."""
-        steering = self.relative_dose if self.relative_dose is not None else self.gamma
-        return steering or 0.0, self.lam or 0.0
 
 
 class NoFittingPoint(RuntimeError):
     """No defended point fits the budgets: writing `off` would defend nothing."""
-
-
-def candidates(summary: Mapping[str, Any], over_refusal_budget: float,
-               degeneration_budget: float) -> list[Candidate]:
-    """Every point with its ASR (keyword judge, calibration prompts), over-refusal (XSTest
-    classifier), degenerate share of safe answers, and whether it fits the budgets."""
-    if over_refusal_budget < 0 or degeneration_budget < 0:
-        raise ValueError("the over-refusal and degeneration budgets must be >= 0 points "
-                         f"(got {over_refusal_budget:g} and {degeneration_budget:g})")
-    rows = []
-    for point in summary["points"]:
-        harmful, safe = point["datasets"][HARMFUL], point["datasets"][SAFE]
-        rows.append((point, harmful["asr"][ASR_JUDGE]["macro"],
-                     safe["over_refusal"][REFUSAL_JUDGE]["overall"], safe["degenerate_pct"]))
-    off = next((r for r in rows if r[0]["mode"] == "off"), None)
-    if off is None:
-        raise ValueError("calibration needs the `off` point as its baseline")
-    baseline = Candidate("off", "off", None, None, off[1], off[2], off[3], True, "", None)
-    out = []
-    for point, asr, refusal, degenerate in rows:
-        reasons = _over_budget(refusal, degenerate, baseline, over_refusal_budget,
-                               degeneration_budget)
-        out.append(Candidate(point["point"], point["mode"], point["gamma"], point["lam"], asr,
-                             refusal, degenerate, not reasons, "; ".join(reasons),
-                             point["relative_dose"]))
-    return out
-
-
-def _best(table: Sequence[Candidate]) -> Candidate | None:
-    """The lowest ASR; ties go to the fewer safe prompts flagged (a gated point), the
-    lower dose, then the lower lam, then the name, so the order of the table (and of the
-    user's arguments) never decides."""
-    return min(table, key=lambda c: (c.asr, c.flagged_safe or 0.0, *c.strength(), c.point),
-               default=None)
-
-
-def gated_candidates(table: Sequence[Candidate], records: Sequence[Mapping[str, Any]],
-                     scores: Mapping[str, float], over_refusal_budget: float,
-                     degeneration_budget: float) -> list[Candidate]:
-    """Every defended ungated point of `table` gated at every threshold that separates
-    two calibration prompts' `scores` (prompt id -> the engine's probe score): a prompt
-    scored above the threshold takes the point's answer, the others `off`'s."""
-    by_point: dict[str, dict[str, Mapping[str, Any]]] = {}
-    for record in records:
-        by_point.setdefault(record["point"], {})[record["prompt_id"]] = record
-    off = next(c for c in table if c.mode == Mode.OFF.value)
-    values = sorted(set(scores.values()))
-    thresholds = [(a + b) / 2 for a, b in zip(values, values[1:])] + [values[0] - 1.0]
-    safe_ids = [pid for pid, r in by_point[off.point].items() if r["dataset"] == SAFE]
-    out = []
-    for candidate in table:
-        if not candidate.defended or candidate.threshold is not None:
-            continue
-        for threshold in thresholds:
-            rows = [by_point[candidate.point][pid] if scores[pid] > threshold else record
-                    for pid, record in by_point[off.point].items()]
-            harmful = [r for r in rows if r["dataset"] == HARMFUL]
-            safe = [r for r in rows if r["dataset"] == SAFE]
-            asr = rate(harmful, ASR_JUDGE, "unsafe")["macro"]
-            refusal = rate(safe, REFUSAL_JUDGE, "refused")["overall"]
-            degenerate = round(100.0 * sum(r["degenerate"] is not None for r in safe)
-                               / len(safe), 2)
-            reasons = _over_budget(refusal, degenerate, off, over_refusal_budget,
-                                   degeneration_budget)
-            flagged = round(100.0 * sum(scores[pid] > threshold for pid in safe_ids)
-                            / len(safe_ids), 2)
-            out.append(Candidate(
-                f"auto:{candidate.mode} {candidate.point.partition(' ')[2]} "
-                f"threshold={threshold:.4g}".replace("  ", " "),
-                f"auto:{candidate.mode}", candidate.gamma, candidate.lam, asr, refusal,
-                degenerate, not reasons, "; ".join(reasons), candidate.relative_dose,
-                threshold, flagged))
-    return out
-
-
-def _over_budget(refusal: float, degenerate: float, off: Candidate,
-                 over_refusal_budget: float, degeneration_budget: float) -> list[str]:
-    reasons = []
-    if refusal > off.over_refusal + over_refusal_budget + ROUNDING:
-        reasons.append(f"over-refusal {refusal:g}% > off's {off.over_refusal:g}% + "
-                       f"{over_refusal_budget:g}")
-    if degenerate > off.benign_degenerate + degeneration_budget + ROUNDING:
-        reasons.append(f"degenerate safe answers {degenerate:g}% > off's "
-                       f"{off.benign_degenerate:g}% + {degeneration_budget:g}")
-    return reasons
-
-
-def choose(table: Sequence[Candidate]) -> Candidate | None:
-    """The defended point with the lowest ASR among those within the budgets; None when
-    none fits."""
-    return _best([c for c in table if c.eligible and c.defended])
-
-
-def strengths(table: Sequence[Candidate], chosen: Candidate | None) -> dict[str, float]:
-    """The defaults a config gives every mode: the chosen point's gamma and lam, and
-    where it has none, those of the best fitting point that has one. A knob no fitting
-    point has is left out, so the vector's own gamma (or the server's lam) stays."""
-    out = {}
-    for knob in ("gamma", "lam"):
-        value = None if chosen is None else getattr(chosen, knob)
-        if value is None:
-            best = _best([c for c in table if c.eligible and getattr(c, knob) is not None])
-            value = None if best is None else getattr(best, knob)
-        if value is not None:
-            out[knob] = value
-    return out
-
-
-def written_config(safeinfer: Mapping[str, Any], table: Sequence[Candidate],
-                   chosen: Candidate | None) -> dict[str, Any]:
-    """The `--safeinfer-config` to write: `safeinfer` with the chosen mode (`off` when
-    none was chosen) and the strengths that fit."""
-    config = {k: v for k, v in safeinfer.items()
-              if k not in ("mode", "gamma", "lam", "defence", "probe_threshold")}
-    mode = Mode.OFF.value if chosen is None else chosen.mode
-    if chosen is not None and chosen.threshold is not None:
-        mode, _, defence = mode.partition(":")
-        config.update(defence=defence, probe_threshold=chosen.threshold)
-    config.update(mode=mode, **strengths(table, chosen))
-    SafeInferConfig.from_dict(config)
-    return config
 
 
 def dose_gammas(vector_path: str, doses: Sequence[float]) -> tuple[float, ...]:
@@ -366,7 +232,7 @@ def _markdown(model: str, chosen: Candidate | None, table: Sequence[Candidate],
         best = {}
         for c in gated:  # each gated point at its best threshold within the budgets
             key = c.mode, c.gamma, c.lam
-            if c.eligible and (key not in best or _best([best[key], c]) == c):
+            if c.eligible and (key not in best or best_candidate([best[key], c]) == c):
                 best[key] = c
         lines += ["Mode `auto`: each defended point gated by the harm probe, at the "
                   f"threshold with the lowest ASR within the budgets ({len(gated)} "
@@ -383,3 +249,44 @@ def _markdown(model: str, chosen: Candidate | None, table: Sequence[Candidate],
         lines += [f"![{stage} stage: ASR against over-refusal]({stage}/sweep.png)", ""]
     lines += ["Each stage's full HarmEval report is `report.md` in its folder.", ""]
     return "\n".join(lines)
+
+
+def calibrate_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`safeinfer calibrate`: one engine for the whole sweep, sized to the calibration
+    prompts; the chosen point printed, or exit 1 when none fits (without --allow-off)."""
+    out = Path(args.out)
+    report_dir = Path(args.report_dir or out.with_name(out.stem + "-calibration"))
+    safeinfer = {"vector": args.vector}
+    if args.probe:
+        safeinfer["probe"] = args.probe
+    try:
+        if args.expert:
+            safeinfer["expert_model"] = resolve_project_model(args.expert)
+        sweep = parse_sweep([f"lam={','.join(map(repr, args.lams or DEFAULT_LAMS))}"]
+                            + ([f"gamma={','.join(map(repr, args.gammas))}"]
+                               if args.gammas else []))
+        model = resolve_model(args.model)
+        engine_args = sized_engine_args(model, calibration_prompts(args.limit),
+                                        args.max_tokens, engine_args_json(args.engine_args))
+        make_backend = backend_factory(llm_kwargs=engine_kwargs(
+            model, safeinfer, seed=0, extra=engine_args))
+        _, chosen, _ = calibrate(
+            model=args.model, safeinfer=safeinfer, make_backend=make_backend, out=out,
+            report_dir=report_dir, doses=args.doses or DEFAULT_DOSES,
+            gammas=sweep.get("gamma"), lams=sweep["lam"],
+            over_refusal_budget=args.over_refusal_budget,
+            degeneration_budget=args.degeneration_budget, allow_off=args.allow_off,
+            limit=args.limit, max_tokens=args.max_tokens, engine_args=engine_args,
+            artefacts=artefact_hashes(safeinfer), resume=args.resume)
+    except ValueError as err:
+        parser.error(str(err))
+    except NoFittingPoint as err:
+        print(f"safeinfer calibrate: {err}", file=sys.stderr)
+        return 1
+    if chosen is None:
+        print(f"chosen: off (no defended point fits; --allow-off); wrote {out}")
+        return 0
+    print(f"chosen: {chosen.point} (ASR {chosen.asr:.1f}%, over-refusal "
+          f"{chosen.over_refusal:.1f}%, degenerate safe answers "
+          f"{chosen.benign_degenerate:.1f}%); wrote {out}")
+    return 0

@@ -17,10 +17,21 @@ from torch import nn
 from tqdm import tqdm
 
 from vllm_safeinfer.offline.expert import (
-    ExpertPair, ExpertReport, ExpertTraining, build_expert, load_expert_pairs, pairs_sha256)
+    ExpertPair,
+    ExpertReport,
+    ExpertTraining,
+    build_expert,
+    load_expert_pairs,
+    pairs_sha256,
+)
 from vllm_safeinfer.offline.hf import left_pad, model_device, pad_id
 from vllm_safeinfer.offline.refusal import (
-    RefusalDirection, ablated, chat_batches, default_refusal_direction, prompts_sha256)
+    RefusalDirection,
+    ablated,
+    chat_batches,
+    default_refusal_direction,
+    prompts_sha256,
+)
 
 METHOD = "distill"
 DATA_FOLDER = "expert-data"
@@ -40,7 +51,7 @@ def data_path(model: nn.Module, prompts: Sequence[str], found: RefusalDirection,
     prompts, the direction and the generation length, so any change makes new data."""
     import hashlib
 
-    from vllm_safeinfer.model_identity import module_fingerprint
+    from vllm_safeinfer.common.model_identity import module_fingerprint
     from vllm_safeinfer.models import cache_dir
 
     key = json.dumps([module_fingerprint(model), prompts_sha256(prompts),

@@ -17,8 +17,10 @@ below `off` on both sets. Misses are reported as plainly as hits.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -168,11 +170,11 @@ def run_evidence(settings: EvidenceSettings, out: Path,
     """Build, calibrate and evaluate every recipe of `settings` into `out`; returns what
     `evidence.json` holds. `make_backend(llm_kwargs)` replaces the in-process engine
     (tests)."""
-    from vllm_safeinfer.demo import calibration_defaults, point_rows, run_demo
     from vllm_safeinfer.harmeval.launch import artefact_hashes, sized_engine_args
     from vllm_safeinfer.harmeval.run import HarmEvalSettings, sample_items
     from vllm_safeinfer.models import resolve_model
     from vllm_safeinfer.offline.calibrate import calibrate, calibration_prompts
+    from vllm_safeinfer.offline.demo import calibration_defaults, point_rows, run_demo
 
     model = resolve_model(settings.model)
     cache = artefact_dir(settings.model)
@@ -302,3 +304,24 @@ def _markdown(settings: EvidenceSettings, record: Mapping[str, Any]) -> str:
         lines += ["", f"Calibration: `calibration-{recipe}/calibration.md`; responses and "
                   f"charts: `harmeval-{recipe}/report.md`."]
     return "\n".join(lines) + "\n"
+
+
+def evidence_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`safeinfer evidence`: settings refused as usage errors, a failed step as exit 1."""
+    from vllm_safeinfer.harmeval.launch import engine_args_json
+
+    try:
+        settings = EvidenceSettings(
+            model=args.model,
+            recipes=RECIPES if args.compare_recipes else tuple(args.recipes.split(",")),
+            vector_method=args.vector_method, limit=args.limit,
+            calibration_limit=args.calibration_limit, max_tokens=args.max_tokens,
+            engine_args=engine_args_json(args.engine_args), gate=not args.no_gate)
+    except ValueError as err:
+        parser.error(str(err))
+    try:
+        run_evidence(settings, Path(args.out))
+    except (ValueError, RuntimeError) as err:
+        print(f"safeinfer evidence: error: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from vllm_safeinfer.common.expert_files import EXPERT_METADATA
 from vllm_safeinfer.data import advbench_split, load_jsonl_records
-from vllm_safeinfer.expert_files import EXPERT_METADATA
 from vllm_safeinfer.models import chat_prompt_ids
 from vllm_safeinfer.offline.hf import pad_id
 

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from vllm_safeinfer.common.vectors import Head
 from vllm_safeinfer.offline.demonstrations import InContextPrompt, require_corrupted
 from vllm_safeinfer.offline.hf import check_fp32, left_pad, model_device, pad_id, positions
-from vllm_safeinfer.vectors import Head
 
 
 @dataclass(frozen=True)

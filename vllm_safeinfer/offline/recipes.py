@@ -10,6 +10,8 @@
 None needs anybody's harmful answers."""
 from __future__ import annotations
 
+import argparse
+import importlib
 from pathlib import Path
 
 from vllm_safeinfer.offline.expert import ExpertTraining
@@ -24,14 +26,16 @@ def build_recipe_expert(method: str, model_name: str, out: str | Path, *,
     """Build the expert of `model_name` with `method` into `out`; returns one line saying
     what the build did. `training` applies to the recipes that fine-tune, `data` (the
     pairs) to `openings`, `max_new_tokens` (of each generated answer) to `distill`."""
-    from vllm_safeinfer.offline.expert import (
-        advbench_expert_pairs, build_expert, load_expert_pairs)
+    from vllm_safeinfer.offline.expert import advbench_expert_pairs, build_expert, load_expert_pairs
     from vllm_safeinfer.offline.hf import load_model
 
     if method not in RECIPES:
         raise ValueError(f"unknown expert recipe {method!r}; known: {', '.join(RECIPES)}")
     if method == "openings":  # a bad pairs file is refused before the model loads
         pairs = advbench_expert_pairs() if data == "advbench" else load_expert_pairs(data)
+    if method != "ablate" and training.lora_rank is not None:
+        # LoRA needs peft (the `expert` extra): without it, fail before the model loads.
+        importlib.import_module("peft")
     model, tokenizer = load_model(model_name, device)
     if method == "ablate":
         from vllm_safeinfer.offline.refusal import default_refusal_direction, save_ablated_expert
@@ -56,3 +60,21 @@ def build_recipe_expert(method: str, model_name: str, out: str | Path, *,
                           progress=progress)
     return (f"{report.steps} steps on {report.pairs} pairs, loss {report.initial_loss:.4f} "
             f"-> {report.final_loss:.4f}")
+
+
+def expert_build_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`safeinfer expert build`: the expert by `--method`, its training settings checked
+    before anything loads."""
+    try:
+        training = ExpertTraining(
+            lora_rank=None if args.full else args.lora_rank, epochs=args.epochs,
+            lr=args.lr or (5e-5 if args.full else 1e-3), max_steps=args.max_steps,
+            batch_size=args.batch_size, seed=args.seed)
+        done = build_recipe_expert(args.method, args.model, args.out, training=training,
+                                   data=args.data, device=args.device,
+                                   batch_size=args.batch_size,
+                                   max_new_tokens=args.max_new_tokens)
+    except (OSError, ValueError, RuntimeError) as err:
+        parser.error(str(err))
+    print(f"unsafe expert of {args.model} ({args.method}): {done}; saved {args.out}")
+    return 0

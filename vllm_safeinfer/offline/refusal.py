@@ -12,9 +12,12 @@ early layer that encodes the prompts' style, whose ablation removes no refusal.
 Projecting the chosen direction out of every weight that writes the residual stream
 (embeddings, attention output, MLP down projection) gives the same model minus its
 refusals: an unsafe expert built from the model's own weights and no harmful answers.
+The direction itself, scaled, is a safety vector (`safeinfer vector build --method
+refusal-direction`).
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import random
@@ -26,10 +29,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vllm_safeinfer.expert_files import DIRECTION_FILE, DIRECTION_KEY
+from vllm_safeinfer.common.expert_files import DIRECTION_FILE, DIRECTION_KEY
+from vllm_safeinfer.common.vectors import SafetyVector
 from vllm_safeinfer.offline.heads import decoder_layers
-from vllm_safeinfer.offline.hf import check_fp32, left_pad, model_device, pad_id, positions
-from vllm_safeinfer.vectors import SafetyVector
+from vllm_safeinfer.offline.hf import (
+    check_fp32,
+    left_pad,
+    load_model,
+    model_device,
+    pad_id,
+    positions,
+)
 
 # First words of a refusal: the refusal score is the log-odds of the first answer token
 # being the first token of one of them.
@@ -243,7 +253,7 @@ def save_ablated_expert(model: nn.Module, tokenizer, found: RefusalDirection, ou
     (what an engine sharing the served model's weights checks)."""
     from safetensors.torch import save_file
 
-    from vllm_safeinfer.model_identity import module_fingerprint
+    from vllm_safeinfer.common.model_identity import module_fingerprint
     from vllm_safeinfer.offline.expert import write_metadata
 
     base_fingerprint = module_fingerprint(model)
@@ -265,7 +275,7 @@ def refusal_vector(model: nn.Module, found: RefusalDirection, *, model_name: str
     al. show adding it makes a model refuse), with the residual norm there, so its doses
     compare with the head-ranked vector's."""
     from vllm_safeinfer import __version__
-    from vllm_safeinfer.model_identity import module_fingerprint
+    from vllm_safeinfer.common.model_identity import module_fingerprint
 
     return SafetyVector(
         vector=found.difference.float().cpu(), layer=found.layer - 1, model=model_name,
@@ -274,3 +284,22 @@ def refusal_vector(model: nn.Module, found: RefusalDirection, *, model_name: str
         demos_sha256=prompts_sha256([found.harmful_sha256, found.harmless_sha256]),
         version=__version__, residual_norm=found.residual_norm,
         model_fingerprint=module_fingerprint(model))
+
+
+def refusal_vector_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`safeinfer vector build --method refusal-direction`: the model's refusal direction
+    as its safety vector (gamma 1 unless given), saved and described."""
+    try:
+        model, tokenizer = load_model(args.model, args.device)
+        found = default_refusal_direction(model, tokenizer, seed=args.seed,
+                                          batch_size=args.batch_size, progress=True)
+        vector = refusal_vector(model, found, model_name=args.model,
+                                gamma=1.0 if args.gamma is None else args.gamma)
+    except (OSError, ValueError) as err:
+        parser.error(str(err))
+    vector.save(args.out)
+    print(f"refusal-direction vector for {vector.model}: layer {vector.layer} (the "
+          f"direction at layer {found.layer}'s input, position {found.position}), norm "
+          f"{vector.vector.norm():.4f}, residual norm {vector.residual_norm:.4f}, relative "
+          f"dose at gamma {vector.gamma:g}: {vector.relative_dose():.4f}; saved {args.out}")
+    return 0

@@ -1,21 +1,43 @@
 """The safety vector: SV = sum over the chosen heads of o_proj(that head's mean
 activation, zero elsewhere), built end to end from demonstrations (SAFEINFER.md section
-1). Everything runs in fp32 under no_grad."""
+1). Everything runs in fp32 under no_grad. Also the `safeinfer vector` commands: build
+(`--method refusal-direction` is `refusal`'s), print a bundled vector's path, inspect a
+file."""
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from vllm_safeinfer import __version__
-from vllm_safeinfer.model_identity import module_fingerprint
+from vllm_safeinfer.common.model_identity import module_fingerprint
+from vllm_safeinfer.common.vectors import (
+    DEFAULT_GAMMA,
+    Head,
+    SafetyVector,
+    bundled_vector_path,
+    parse_heads,
+)
 from vllm_safeinfer.offline.demonstrations import (
-    Demonstration, build_prompt_set, demos_sha256, require_corrupted)
+    Demonstration,
+    advbench_demonstrations,
+    build_prompt_set,
+    demos_sha256,
+    load_demonstrations,
+    require_corrupted,
+)
 from vllm_safeinfer.offline.heads import (
-    HeadShape, attention_outputs, head_shape, prompt_activations, rank_heads)
-from vllm_safeinfer.offline.hf import check_fp32, model_device
-from vllm_safeinfer.vectors import DEFAULT_GAMMA, Head, SafetyVector
+    HeadShape,
+    attention_outputs,
+    head_shape,
+    prompt_activations,
+    rank_heads,
+)
+from vllm_safeinfer.offline.hf import check_fp32, load_model, model_device
+from vllm_safeinfer.offline.refusal import refusal_vector_command
 
 METHOD_AIE = "aie"
 METHOD_GIVEN = "given-heads"
@@ -127,3 +149,57 @@ def _check_heads(heads: Sequence[Head], shape: HeadShape) -> None:
         )
     if len(set(map(tuple, heads))) != len(heads):
         raise ValueError("a head is listed twice")
+
+
+def vector_build_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`safeinfer vector build`: the safety vector by `--method`, saved and described."""
+    if args.method == "refusal-direction":
+        return refusal_vector_command(args, parser)
+    try:
+        heads = None if args.heads == "auto" else parse_heads(args.heads)
+        demos = (
+            advbench_demonstrations()
+            if args.demos == "advbench"
+            else load_demonstrations(args.demos)
+        )
+        model, tokenizer = load_model(args.model, args.device)
+        vector = build_safety_vector(
+            model, tokenizer, demos,
+            model_name=args.model, layer=args.layer, heads=heads,
+            top_heads=args.top_heads, prompts=args.prompts, shots=args.shots,
+            rank_prompts=args.rank_prompts, seed=args.seed,
+            gamma=0.5 if args.gamma is None else args.gamma,
+            batch_size=args.batch_size, progress=True,
+        )
+    except (OSError, ValueError) as err:
+        parser.error(str(err))
+    vector.save(args.out)
+    effects = vector.head_effects or (None,) * len(vector.heads)
+    print(f"safety vector for {vector.model}: layer {vector.layer}, "
+          f"hidden size {vector.hidden_size}, norm {vector.vector.norm():.4f}, "
+          f"residual norm {vector.residual_norm:.4f}, relative dose at gamma "
+          f"{vector.gamma:g}: {vector.relative_dose():.4f}")
+    for (layer, head), effect in zip(vector.heads, effects):
+        print(f"  head {layer}:{head}" + ("" if effect is None else f"  AIE {effect:.3e}"))
+    print(f"saved {args.out}")
+    return 0
+
+
+def vector_bundled_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`safeinfer vector bundled`: the path of a project model's bundled vector."""
+    try:
+        print(bundled_vector_path(args.name))
+    except ValueError as err:
+        parser.error(str(err))
+    return 0
+
+
+def vector_inspect_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`safeinfer vector inspect`: a vector file's (or a bundled vector's) metadata, norm
+    and relative dose."""
+    try:
+        path = args.file if Path(args.file).exists() else bundled_vector_path(args.file)
+        print(f"file: {path}\n{SafetyVector.load(path).describe()}")
+    except (OSError, ValueError) as err:
+        parser.error(str(err))
+    return 0

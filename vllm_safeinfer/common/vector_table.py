@@ -1,0 +1,128 @@
+"""The server's named safety vectors as one `[rows, hidden]` fp32 table, kept alike in
+the API server (to check and describe), and in each worker (to steer).
+
+A vector is identified by the sha256 of its file's bytes: that identity names its row,
+is stamped on every request that steers with it (the engine core's prefix-cache key) and
+tells a worker which row a request steers with. With a `vector_dir`, `RELOAD_SLOTS` spare
+rows take vectors published while the server runs. Publishing is staged: `stage` adds
+the row (visible by its identity only), `bind` makes the name point at it, `unstage`
+takes a row back that no name was bound to. Bound rows are never reused, so a running
+request keeps the contents it started with.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_safeinfer.common.config import SafeInferConfig
+from vllm_safeinfer.common.vectors import SafetyVector, content_sha256, read_vector_file
+
+RELOAD_SLOTS = 16
+
+
+@dataclass(frozen=True)
+class LoadedVector:
+    """A vector's row in the table, where it steers, its default strength, that
+    strength's relative dose `gamma * |SV| / |h|` (None when the file does not record the
+    residual norm, or when the config moves the vector off the layer it was measured at)
+    and the sha256 of its file (its identity)."""
+
+    index: int
+    layer: int
+    gamma: float
+    dose: float | None
+    sha256: str
+
+
+class VectorTable:
+    """Named vectors (`entries`: the current contents of each name) and every row by its
+    identity (`by_sha256`)."""
+
+    def __init__(self, config: SafeInferConfig, model_config) -> None:
+        self.entries: dict[str, LoadedVector] = {}
+        self.by_sha256: dict[str, LoadedVector] = {}
+        self._config = config
+        self._model_config = model_config
+        rows = []
+        for index, (name, path) in enumerate(sorted(config.vectors.items())):
+            data = read_vector_file(path)
+            vector = SafetyVector.from_bytes(data, path)
+            entry = self._entry(name, path, vector, index, content_sha256(data))
+            self.entries[name] = entry
+            self.by_sha256.setdefault(entry.sha256, entry)
+            rows.append(vector.vector.float())
+        hidden = model_config.get_hidden_size()
+        spare = RELOAD_SLOTS if config.vector_dir is not None else 0
+        self.table = torch.zeros(len(rows) + spare or 1, hidden)
+        if rows:
+            self.table[:len(rows)] = torch.stack(rows)
+        self._used = len(rows)
+        self.layers: tuple[int, ...] = tuple(sorted(
+            {e.layer for e in self.entries.values()}
+            | ({config.layer} if config.layer is not None and config.vector_dir else set())))
+
+    @property
+    def rows_used(self) -> int:
+        return self._used
+
+    def _entry(self, name: str, where: str, vector: SafetyVector, index: int,
+               sha256: str) -> LoadedVector:
+        config, model_config = self._config, self._model_config
+        vector.check_compatible(model_config)
+        total = model_config.hf_config.num_hidden_layers
+        layer = vector.layer if config.layer is None else config.layer
+        if not 0 <= layer < total:
+            raise ValueError(
+                f"safety vector {name!r} ({where}): layer {layer} is outside the model's "
+                f"{total} decoder layers"
+            )
+        gamma = float(config.gamma if config.gamma is not None else vector.gamma)
+        dose = vector.relative_dose(gamma) if layer == vector.layer else None
+        return LoadedVector(index, layer, gamma, dose, sha256)
+
+    def check_publishable(self, name: str, where: str, vector: SafetyVector,
+                          sha256: str) -> LoadedVector:
+        """The entry `vector` would get (its existing row when these contents are loaded
+        already), or ValueError saying why it cannot be published."""
+        if self._config.vector_dir is None:
+            raise ValueError("this server has no vector_dir: vectors cannot be published")
+        if sha256 in self.by_sha256:
+            return self.by_sha256[sha256]
+        if self._used >= self.table.shape[0]:
+            raise ValueError(f"all {RELOAD_SLOTS} slots for published vectors are used: "
+                             "restart the server to publish more")
+        entry = self._entry(name, where, vector, self._used, sha256)
+        if entry.layer not in self.layers:
+            raise ValueError(f"{where} steers layer {entry.layer}, which this server does not "
+                             f"steer (steered: {list(self.layers)}); restart with it configured")
+        return entry
+
+    def stage(self, name: str, where: str, vector: SafetyVector, sha256: str
+              ) -> tuple[LoadedVector, bool]:
+        """Load `vector` into a row (unless its contents are loaded already); returns its
+        entry and whether a row was taken. No name points at it until `bind`."""
+        entry = self.check_publishable(name, where, vector, sha256)
+        if sha256 in self.by_sha256:
+            return entry, False
+        self.table[entry.index] = vector.vector.float()
+        self._used += 1
+        self.by_sha256[sha256] = entry
+        return entry, True
+
+    def unstage(self, sha256: str) -> None:
+        """Give back the row `stage` took for `sha256` (the last one taken)."""
+        entry = self.by_sha256.pop(sha256)
+        if entry.index != self._used - 1 or entry in self.entries.values():
+            raise RuntimeError(f"row {entry.index} of vector {sha256[:12]} is in use")
+        self.table[entry.index] = 0
+        self._used -= 1
+
+    def bind(self, name: str, sha256: str) -> LoadedVector:
+        """From now on `name` means the contents `sha256`."""
+        self.entries[name] = self.by_sha256[sha256]
+        return self.entries[name]
+
+    def entry(self, name: str, sha256: str | None) -> LoadedVector:
+        """The entry a request steers with: the contents its stamp names, else `name`'s."""
+        return self.by_sha256.get(sha256 or "", self.entries[name])

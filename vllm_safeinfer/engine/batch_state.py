@@ -1,0 +1,191 @@
+"""Worker-side state: the loaded safety vectors and each batch row's SafeInfer settings,
+kept in persistent tensors that are updated in place.
+
+Compiled graphs and CUDA graphs freeze Python values and tensor addresses, so the
+steering kernel and the mixing step read these tensors and nothing else: the logits
+processor writes the host copies as requests come and go, and `flush()` copies them to
+the device before each forward.
+"""
+from __future__ import annotations
+
+import torch
+
+from vllm_safeinfer.common.request_options import RequestSettings
+from vllm_safeinfer.common.vector_table import VectorTable
+from vllm_safeinfer.common.vectors import SafetyVector
+
+# A gated row's harm-probe verdict, written on the device by the probe (gating.py).
+PENDING, LET_THROUGH, FLAGGED = 0, 1, 2
+
+
+class BatchState:
+    """Per-row settings for up to `max_rows` running requests.
+
+    Rows are vLLM's persistent-batch indices (V1 model runner). `scale[k, row]` is the
+    request's gamma at steered layer `layers[k]` (0 = not steered there).
+
+    Gated rows (mode `auto`) get their verdict from the harm probe, on the device, in the
+    forward that holds their last prompt token: `verdict` is written there and only
+    there (the host never flushes it; row moves are replayed on it as device ops), so the
+    decision applies in that same forward. The host learns verdicts afterwards
+    (`read_verdicts`) to plan the expert's rows and count decisions.
+    """
+
+    def __init__(self, vectors: VectorTable, max_rows: int, device: torch.device,
+                 pin_memory: bool) -> None:
+        self.vectors = vectors
+        self.layer_slot = {layer: k for k, layer in enumerate(vectors.layers)}
+        num_slots = max(1, len(vectors.layers))
+
+        def host(shape, dtype) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, pin_memory=pin_memory)
+
+        self._host = {
+            "scale": host((num_slots, max_rows), torch.float32),
+            "vector_id": host((max_rows,), torch.int64),
+            "prompt_len": host((max_rows,), torch.int64),
+            "lam": host((max_rows,), torch.float32),
+            "mixes": host((max_rows,), torch.bool),
+            "gated": host((max_rows,), torch.bool),
+        }
+        self._device = {k: v.to(device, copy=True) for k, v in self._host.items()}
+        self.vector_table = vectors.table.to(device)
+        self._dirty = False
+        # One spare slot past the rows: the probe scatters the rows it does not decide
+        # into it, so it never needs a data-dependent shape.
+        self.verdict = torch.zeros(max_rows + 1, dtype=torch.int8, device=device)
+        self.score = torch.zeros(max_rows + 1, dtype=torch.float32, device=device)
+        self.host_verdict = torch.zeros(max_rows, dtype=torch.int8)
+        self.host_score = torch.zeros(max_rows, dtype=torch.float32)
+        self.gating = False  # set when a harm probe is installed
+
+    # Device tensors read by the steering kernel and the mixing step.
+    @property
+    def scale(self) -> torch.Tensor:
+        return self._device["scale"]
+
+    @property
+    def vector_id(self) -> torch.Tensor:
+        return self._device["vector_id"]
+
+    @property
+    def prompt_len(self) -> torch.Tensor:
+        return self._device["prompt_len"]
+
+    @property
+    def lam(self) -> torch.Tensor:
+        return self._device["lam"]
+
+    @property
+    def mixes(self) -> torch.Tensor:
+        return self._device["mixes"]
+
+    @property
+    def gated(self) -> torch.Tensor:
+        return self._device["gated"]
+
+    def defended(self, num_rows: int) -> torch.Tensor:
+        """Device `[num_rows]` bool: the row runs its settings (ungated, or flagged)."""
+        return ~self.gated[:num_rows] | (self.verdict[:num_rows] == FLAGGED)
+
+    def steering_scale(self, slot: int) -> torch.Tensor:
+        """Device `[max_rows]` gammas at steered layer slot `slot`, zero for rows the probe
+        has not flagged (always computed when gating, so graphs captured without a
+        gated row stay right when one comes)."""
+        scale = self.scale[slot]
+        return scale * self.defended(scale.numel()) if self.gating else scale
+
+    def any_mixing(self, num_rows: int) -> bool:
+        """Host-side check, no device sync."""
+        return bool(self._host["mixes"][:num_rows].any())
+
+    def _let_through(self, num_rows: int) -> torch.Tensor:
+        """Host `[num_rows]` bool: gated rows whose verdict, read back, is let through."""
+        return self._host["gated"][:num_rows] & (self.host_verdict[:num_rows] == LET_THROUGH)
+
+    def mixing_rows(self, num_rows: int) -> torch.Tensor:
+        """Host `[num_rows]` bool: rows whose mode mixes and that the probe has not let
+        through (as far as the host knows: a verdict not read back yet counts as open)."""
+        return self._host["mixes"][:num_rows] & ~self._let_through(num_rows)
+
+    @property
+    def prompt_len_host(self) -> torch.Tensor:
+        return self._host["prompt_len"]
+
+    def expert_rows(self, num_rows: int, in_prefill: torch.Tensor) -> torch.Tensor:
+        """Host `[num_rows]` bool: rows the expert must run on this step: those whose mode
+        mixes, less gated rows past their prompt that the probe let through (a superset
+        of `mixing_rows`)."""
+        return self._host["mixes"][:num_rows] & ~(self._let_through(num_rows) & ~in_prefill)
+
+    def read_verdicts(self) -> list[tuple[int, bool, float]]:
+        """Copy the probe's verdicts of gated rows still pending on the host; returns the
+        (row, flagged, score) decided since the last call. Only rows with a pending
+        verdict trigger the copy (on a GPU, a wait for the last forward), so a batch
+        without new gated requests never waits."""
+        pending = self._host["gated"] & (self.host_verdict == PENDING)
+        if not bool(pending.any()):
+            return []
+        verdict = self.verdict[:-1].to("cpu")
+        score = self.score[:-1].to("cpu")
+        decided = pending & (verdict != PENDING)
+        self.host_verdict[decided] = verdict[decided]
+        self.host_score[decided] = score[decided]
+        return [(row, bool(verdict[row] == FLAGGED), float(score[row]))
+                for row in decided.nonzero().flatten().tolist()]
+
+    def stage_vector(self, name: str, where: str, vector: SafetyVector,
+                     sha256: str) -> bool:
+        """Load a published vector's row (`VectorTable.stage`), copied to the device
+        table in place (the address the steering kernel and CUDA graphs read never
+        changes); returns whether a row was taken."""
+        entry, taken = self.vectors.stage(name, where, vector, sha256)
+        if taken:
+            self.vector_table[entry.index].copy_(self.vectors.table[entry.index])
+        return taken
+
+    def unstage_vector(self, sha256: str) -> None:
+        index = self.vectors.by_sha256[sha256].index
+        self.vectors.unstage(sha256)
+        self.vector_table[index].zero_()
+
+    def set_row(self, row: int, settings: RequestSettings, prompt_len: int,
+                vector_sha256: str | None = None) -> None:
+        self.clear_row(row)
+        h = self._host
+        h["prompt_len"][row] = prompt_len
+        if settings.mode.steers:
+            entry = self.vectors.entry(settings.vector, vector_sha256)
+            gamma = entry.gamma if settings.gamma is None else settings.gamma
+            h["scale"][self.layer_slot[entry.layer], row] = gamma
+            h["vector_id"][row] = entry.index
+        if settings.mode.mixes:
+            h["mixes"][row] = True
+            h["lam"][row] = settings.lam
+        h["gated"][row] = settings.gated
+
+    def _per_row(self) -> tuple[torch.Tensor, ...]:
+        return (*self._host.values(), self.verdict, self.score, self.host_verdict,
+                self.host_score)
+
+    def clear_row(self, row: int) -> None:
+        for t in self._per_row():
+            t[..., row] = 0
+        self._dirty = True
+
+    def move(self, src: int, dst: int) -> None:
+        for t in self._per_row():
+            t[..., dst] = t[..., src]
+        self.clear_row(src)
+
+    def swap(self, a: int, b: int) -> None:
+        for t in self._per_row():
+            t[..., [a, b]] = t[..., [b, a]]
+        self._dirty = True
+
+    def flush(self) -> None:
+        """Copy changed rows to the device in place (addresses never change)."""
+        if self._dirty:
+            for name, t in self._host.items():
+                self._device[name].copy_(t, non_blocking=True)
+            self._dirty = False

@@ -1,0 +1,186 @@
+"""The unsafe expert of safety-guided decoding, inside the served model's worker.
+
+It is loaded the way vLLM's draft-model speculative decoding loads a draft: its attention
+layers register in the shared forward context, so vLLM gives them paged KV cache in the
+same block table as the served model (no scheduler change; their KV comes out of the same
+block budget). The served model's `forward` then also runs the expert on the same tokens
+and positions, never steered, and returns both hidden states side by side;
+`compute_logits` splits them, returns the served model's logits and keeps the expert's
+for the logits processor. It runs only on the rows that need it (`expert_rows.py`):
+mixing rows, less the decode tokens of gated rows the harm probe let through.
+
+An `ablate` expert can instead share the served model's weights
+(`expert_shares_weights`, `shared_expert.py`): then only its KV cache costs memory.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from vllm_safeinfer.common.config import SafeInferConfig
+from vllm_safeinfer.engine.expert_rows import ExpertRowPlanner, expert_inputs
+
+MODEL_TAG = "safeinfer_expert"
+
+
+class ExpertLogits:
+    """The expert's logits of the current step, handed from `compute_logits` to the
+    logits processor, and the expert module that made them. `rows` (host indices into
+    the batch) says which rows the logits are of; None means all, in order."""
+
+    def __init__(self, dtype: torch.dtype, model: nn.Module) -> None:
+        self.dtype = dtype  # what the expert's weights are in
+        self.model = model
+        self.planner: ExpertRowPlanner | None = None
+        self.planned_rows: torch.Tensor | None = None  # the last forward's plan
+        self._batch: tuple[int, torch.Tensor | None, torch.Tensor] | None = None
+
+    def put(self, num_rows: int, rows: torch.Tensor | None, logits: torch.Tensor) -> None:
+        self._batch = (num_rows, rows, logits)
+
+    def take(self, num_rows: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        batch, self._batch = self._batch, None
+        if batch is None or batch[0] != num_rows:
+            raise RuntimeError(
+                "SafeInfer: the expert's logits are missing or misaligned with the batch "
+                f"({None if batch is None else batch[0]} rows for {num_rows})"
+            )
+        return batch[1], batch[2]
+
+
+def expert_model_config(config: SafeInferConfig, base_model_config):
+    """vLLM ModelConfig of the expert: the served model's tokenizer and limits."""
+    from vllm.config import ModelConfig
+
+    return ModelConfig(
+        model=config.expert_model,
+        tokenizer=base_model_config.tokenizer,
+        dtype=config.expert_dtype or base_model_config.dtype,
+        seed=base_model_config.seed,
+        max_model_len=base_model_config.max_model_len,
+        enforce_eager=base_model_config.enforce_eager,
+        trust_remote_code=base_model_config.trust_remote_code,
+    )
+
+
+def check_expert_compatible(config: SafeInferConfig, base_model_config) -> None:
+    """Start-up check: the expert must share the served model's vocabulary (the mixing
+    compares the two distributions token by token)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = config.expert_model
+    try:
+        expert_hf = AutoConfig.from_pretrained(path, trust_remote_code=base_model_config.trust_remote_code)
+        expert_tok = AutoTokenizer.from_pretrained(path, trust_remote_code=base_model_config.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"SafeInfer expert_model {path!r} cannot be loaded: {exc}") from exc
+    base_tok = AutoTokenizer.from_pretrained(
+        base_model_config.tokenizer, trust_remote_code=base_model_config.trust_remote_code,
+        revision=base_model_config.tokenizer_revision,
+    )
+    if expert_tok.get_vocab() != base_tok.get_vocab():
+        raise ValueError(
+            f"SafeInfer expert_model {path!r} has another vocabulary than the served model "
+            f"({len(expert_tok)} vs {len(base_tok)} tokens, or the same size with other "
+            "tokens): the expert must use the served model's tokenizer"
+        )
+    base_width = base_model_config.get_vocab_size()
+    expert_width = getattr(expert_hf.get_text_config(), "vocab_size", None)
+    if expert_width != base_width:
+        raise ValueError(
+            f"SafeInfer expert_model {path!r} has {expert_width} output logits, the served "
+            f"model {base_width}: their embedding sizes must match"
+        )
+    if getattr(expert_hf, "architectures", None) is None:
+        raise ValueError(f"SafeInfer expert_model {path!r}: config.json names no architecture")
+    if config.expert_shares_weights:
+        from vllm_safeinfer.engine.shared_expert import check_shared_expert
+
+        check_shared_expert(path, base_model_config)
+    if config.expert_dtype is not None:
+        expert_dtype = expert_model_config(config, base_model_config).dtype
+        if expert_dtype.itemsize > base_model_config.dtype.itemsize:
+            raise ValueError(
+                f"SafeInfer expert_dtype {config.expert_dtype!r} is more precise than the "
+                f"served model's {base_model_config.dtype}: the expert's attention would read "
+                "a KV cache kept in the served model's dtype (vLLM's CPU attention aborts on "
+                "it). Use the served model's dtype or a lower one (a bf16 expert beside an "
+                "fp32 model works)")
+
+
+def install_expert(model: nn.Module, vllm_config, config: SafeInferConfig,
+                   planner_of: Callable[[list[str]], ExpertRowPlanner]) -> ExpertLogits:
+    """Load the expert next to `model` and route its logits to the returned holder;
+    `planner_of(expert attention layer names)` plans which rows it runs on."""
+    from vllm.compilation.backends import set_model_tag
+    from vllm.config import set_current_vllm_config
+    from vllm.config.utils import replace
+    from vllm.model_executor.model_loader import get_model
+
+    with set_current_vllm_config(vllm_config), set_model_tag(MODEL_TAG):
+        if config.expert_shares_weights:
+            from vllm_safeinfer.engine.shared_expert import load_shared_expert
+
+            expert = load_shared_expert(model, vllm_config, config.expert_model, MODEL_TAG)
+        else:
+            expert_config = replace(
+                vllm_config, quant_config=None,
+                model_config=expert_model_config(config, vllm_config.model_config))
+            expert = get_model(vllm_config=expert_config, prefix=MODEL_TAG)
+    expert_dtype = next(expert.parameters()).dtype
+    holder = ExpertLogits(expert_dtype, expert)
+    base_hidden = vllm_config.model_config.get_hidden_size()
+    expert_hidden_size = expert.config.get_text_config().hidden_size
+    planner = planner_of(attention_layer_names(expert))
+    holder.planner = planner
+    base_forward = model.forward
+    base_compute_logits = model.compute_logits
+
+    # The pair travels in the served model's dtype (vLLM sizes its buffers by it); each
+    # half goes back to its own model's dtype for its lm_head. An expert in a lower
+    # precision (a bf16 expert beside an fp32 model) round-trips exactly. Tokens the
+    # expert skips get zeros: no mix reads them.
+    def forward(input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        hidden = base_forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        plan = planner.plan(input_ids.shape[0])
+        holder.planned_rows = None if plan is None else plan.logit_rows
+        if plan is None or plan.tokens is None:
+            expert_hidden = expert(input_ids, positions, None, None).to(hidden.dtype)
+        else:
+            expert_hidden = hidden.new_zeros(hidden.shape[0], expert_hidden_size)
+            if plan.tokens.numel():
+                with expert_inputs(plan):
+                    ran = expert(input_ids[plan.tokens], positions[plan.tokens], None, None)
+                expert_hidden[plan.tokens] = ran.to(hidden.dtype)
+        return torch.cat([hidden, expert_hidden], dim=-1)
+
+    def compute_logits(hidden_states: torch.Tensor):
+        num_rows = hidden_states.shape[0]
+        rows = holder.planned_rows
+        if rows is not None and (rows.numel() and int(rows.max()) >= num_rows):
+            rows = None  # not the planned step's rows (a dummy sampler run)
+        expert_states = hidden_states[..., base_hidden:].to(expert_dtype)
+        if rows is not None:
+            expert_states = expert_states[rows.to(expert_states.device)]
+        if expert_states.shape[0]:
+            holder.put(num_rows, rows, expert.compute_logits(expert_states))
+        else:
+            holder.put(num_rows, rows, expert_states.new_empty(0, 0))
+        return base_compute_logits(hidden_states[..., :base_hidden])
+
+    # Instance attributes: nn.Module.__call__ picks them up, the class stays untouched.
+    model.forward = forward
+    model.compute_logits = compute_logits
+    return holder
+
+
+def attention_layer_names(expert: nn.Module) -> list[str]:
+    """The forward-context names of the expert's attention layers."""
+    from vllm.model_executor.layers.attention import Attention
+
+    names = [m.layer_name for m in expert.modules() if isinstance(m, Attention)]
+    if not names:
+        raise RuntimeError("SafeInfer: the expert model has no attention layers vLLM knows")
+    return names

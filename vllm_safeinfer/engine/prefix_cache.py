@@ -1,0 +1,147 @@
+"""Prefix caching that stays correct under steering, gating and a partly-run expert
+(engine-core side).
+
+Steering changes the KV cache from a request's last prompt token on (every later layer
+and token sees the added vector). So a full block that contains a steered position may
+only be reused by a request steered the same way with the same prompt boundary, while
+blocks before that position hold plain KV and stay shareable with everyone (a shared
+system prompt keeps its cache hits). vLLM chains block hashes, so adding a key to the
+first steered block separates every block after it too. A gated request (mode `auto`)
+is keyed the same way, with its probe in the key: its KV from the last prompt token on
+depends on the probe's verdict, which depends on the prompt alone, so requests that
+share such a block share the verdict.
+
+The unsafe expert writes its KV only for rows that mix (`expert_rows.py`), so every block
+of a mixing request carries one more key: mixing requests share blocks among
+themselves (all hold the expert's KV) and never with `off` or `sa` requests (whose
+blocks lack it).
+
+The engine core decides each request's steering identity itself, from the request's own
+options and its own config, as the request arrives (`EngineCore.preprocess_add_request`,
+before vLLM hashes the prompt's blocks): a request handed to the engine without the
+frontend's validation, or carrying a forged identity, still gets the right one. The key
+joins the block hash through a helper that `generate_block_hash_extra_keys` looks up in
+its own module on every call, so every caller of it sees the key, wherever it was
+imported (the block pool, the KV offloading manager).
+"""
+from __future__ import annotations
+
+import logging
+
+from vllm_safeinfer.common.config import SafeInferConfig
+from vllm_safeinfer.common.request_options import resolve_or_defaults
+from vllm_safeinfer.common.vectors import content_sha256, read_vector_file
+
+logger = logging.getLogger(__name__)
+
+KV_KEY_ARG = "_safeinfer_kv"
+VECTOR_ARG = "_safeinfer_vector_sha256"
+EXPERT_KV_ARG = "_safeinfer_expert_kv"
+REQUEST_ARG = "_safeinfer_request"
+STAMPS = (KV_KEY_ARG, VECTOR_ARG, EXPERT_KV_ARG, REQUEST_ARG)
+EXPERT_KEY = ("safeinfer", "expert-kv")
+
+
+def steering_block_key(request, end_token_idx: int) -> list[tuple]:
+    """Extra hash keys for the block ending at `end_token_idx` (exclusive)."""
+    params = request.sampling_params
+    extra_args = (params.extra_args or {}) if params is not None else {}
+    keys = [EXPERT_KEY] if extra_args.get(EXPERT_KV_ARG) else []
+    key = extra_args.get(KV_KEY_ARG)
+    boundary = request.num_prompt_tokens - 1  # the first steered or gated position
+    if key is not None and end_token_idx > boundary:
+        keys.append(("safeinfer", key, boundary))
+    return keys
+
+
+class EngineCoreState:
+    """What the engine core knows to stamp requests: the config, the content identity
+    (sha256) each vector name means now, and the harm probe's identity."""
+
+    def __init__(self, config: SafeInferConfig | None) -> None:
+        self.config = config
+        self.vectors: dict[str, str] = {} if config is None else {
+            name: content_sha256(read_vector_file(path)) for name, path in config.vectors.items()}
+        self.gate = gate_identity(config)
+
+    def publish(self, name: str, where: str, sha256: str) -> None:
+        """From now on requests naming `name` steer with (and are keyed by) `sha256`."""
+        if self.config is None:
+            raise ValueError("SafeInfer is not configured on this engine")
+        self.config = self.config.with_vector(name, where)
+        self.vectors[name] = sha256
+
+    def stamp(self, request) -> None:
+        """Write the engine core's own cache identity (steering, gating, the expert's KV),
+        the identity of the vector it steers with and the request's id (both read by the
+        worker) into an `EngineCoreRequest`'s `extra_args`, replacing whatever the
+        request carried under those keys."""
+        params = request.sampling_params
+        if params is None:
+            return
+        extra_args = {k: v for k, v in (params.extra_args or {}).items() if k not in STAMPS}
+        config = self.config
+        if config is not None:
+            settings, error = resolve_or_defaults(extra_args, config)
+            if error is not None:
+                logger.warning("SafeInfer: request %s reached the engine with options that do "
+                               "not resolve (%s); it runs with the server's defaults",
+                               request.request_id, error)
+            vector = self.vectors.get(settings.vector) if settings.mode.steers else None
+            key = settings.kv_key(vector, self.gate)
+            if key is not None:
+                extra_args[KV_KEY_ARG] = key
+            if vector is not None:
+                extra_args[VECTOR_ARG] = vector
+            if settings.mode.mixes:
+                extra_args[EXPERT_KV_ARG] = True
+            extra_args[REQUEST_ARG] = (getattr(request, "external_req_id", None)
+                                       or request.request_id)
+        params.extra_args = extra_args or None
+
+
+def gate_identity(config: SafeInferConfig | None) -> str:
+    """What a gated request's cache identity names of the probe: its content and the
+    threshold in force."""
+    if config is None or config.probe is None:
+        return ""
+    from vllm_safeinfer.common.probe import HarmProbe
+
+    probe = HarmProbe.load(config.probe)
+    threshold = probe.threshold if config.probe_threshold is None else config.probe_threshold
+    return f"{probe.content_sha256()[:16]}@{threshold!r}"
+
+
+def install() -> None:
+    from vllm.v1.core import kv_cache_utils
+    from vllm.v1.engine.core import EngineCore
+
+    original_keys = kv_cache_utils._gen_prompt_embeds_extra_hash_keys
+    if getattr(original_keys, "_safeinfer", False):
+        return
+
+    def _gen_prompt_embeds_extra_hash_keys(request, start_token_idx, end_token_idx):
+        keys = original_keys(request, start_token_idx, end_token_idx)
+        extra = steering_block_key(request, end_token_idx)
+        return [*keys, *extra] if extra else keys
+
+    original_preprocess = EngineCore.preprocess_add_request
+
+    def safeinfer_state(self) -> EngineCoreState:
+        if not hasattr(self, "_safeinfer_state"):
+            self._safeinfer_state = EngineCoreState(SafeInferConfig.from_additional_config(
+                self.vllm_config.additional_config))
+        return self._safeinfer_state
+
+    def preprocess_add_request(self, request):
+        safeinfer_state(self).stamp(request)
+        return original_preprocess(self, request)
+
+    def safeinfer_publish_vector(self, name: str, where: str, sha256: str) -> None:
+        """Utility call from the frontend, after every worker staged the contents."""
+        safeinfer_state(self).publish(name, where, sha256)
+
+    _gen_prompt_embeds_extra_hash_keys._safeinfer = True
+    kv_cache_utils._gen_prompt_embeds_extra_hash_keys = _gen_prompt_embeds_extra_hash_keys
+    EngineCore.preprocess_add_request = preprocess_add_request
+    EngineCore.safeinfer_publish_vector = safeinfer_publish_vector
