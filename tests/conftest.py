@@ -10,7 +10,7 @@ import time
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 # In-process engines only: tests read worker state with collective_rpc(callable). Servers
-# run as users run them, without it (`serving`).
+# run as users run them, without it (`running_server` drops it).
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -73,9 +73,7 @@ def serving(model: str, config: dict, folder, *flags: str):
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
                "--max-model-len", "512", "--block-size", "32", "--enforce-eager",
                "--max-num-seqs", "8"]
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ALLOW_INSECURE_SERIALIZATION"}
-    with running_server(command, port, folder / "server.log", env=env,
-                        timeout_s=STARTUP_S) as base:
+    with running_server(command, port, folder / "server.log", timeout_s=STARTUP_S) as base:
         yield base
 
 

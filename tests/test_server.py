@@ -52,3 +52,26 @@ def test_publishing_is_off_without_an_admin_key(server):
     refused = httpx.post(f"{base}/v1/safeinfer/vectors", json={"name": "a"}, timeout=30)
     assert refused.status_code == 403 and "--safeinfer-admin-key" in refused.text
     assert complete(base, PROMPTS[1]).status_code == 200
+
+
+def test_the_server_runs_without_insecure_serialization(server):
+    """Everything SafeInfer sends between its processes (vector bytes, verdicts, metric
+    reads) goes through vLLM's safe serialization: the server under test runs without
+    VLLM_ALLOW_INSECURE_SERIALIZATION, which this test process has set."""
+    import os
+    from pathlib import Path
+
+    assert os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") == "1"
+    base, _ = server
+    port = base.rsplit(":", 1)[1].encode()
+    servers = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"vllm.entrypoints.openai.api_server" in argv and port in argv:
+            servers.append(any(v.startswith(b"VLLM_ALLOW_INSECURE_SERIALIZATION=")
+                               for v in environ))
+    assert servers == [False]

@@ -13,6 +13,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 
+INSECURE_SERIALIZATION = "VLLM_ALLOW_INSECURE_SERIALIZATION"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -25,12 +28,17 @@ def running_server(command: Sequence[str], port: int, log: Path | None = None,
                    timeout_s: float = 600) -> Iterator[str]:
     """`command` (a server listening on 127.0.0.1:`port`) as a subprocess, its output in
     `log` (or discarded); yields its base URL once /health answers, and stops its whole
-    process group afterwards (SIGTERM, then SIGKILL after 60 s)."""
+    process group afterwards (SIGTERM, then SIGKILL after 60 s).
+
+    The server runs as users run it: vLLM's insecure serialization (pickled callables
+    over `collective_rpc`, which in-process test engines turn on) is never passed on."""
     import httpx
 
+    env = {k: v for k, v in (os.environ if env is None else env).items()
+           if k != INSECURE_SERIALIZATION}
     with open(log if log is not None else os.devnull, "w") as out:
-        process = subprocess.Popen(list(command), env=None if env is None else dict(env),
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(list(command), env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     try:
