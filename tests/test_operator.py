@@ -310,3 +310,13 @@ def test_the_worker_refuses_bytes_whose_hash_differs(tiny_assets):
     worker = engine.workers[0]
     assert "b" not in worker.config.vectors and worker.staged is None
     assert worker.state.vectors.rows_used == 1
+
+
+def test_serve_refuses_an_admin_key_equal_to_the_inference_key(capsys):
+    from vllm_safeinfer.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "model", "--safeinfer-mode", "off", "--safeinfer-admin-key", "k",
+              "--api-key", "k"])
+    assert exit_.value.code == 2
+    assert "--safeinfer-admin-key must differ from --api-key" in capsys.readouterr().err

@@ -133,3 +133,14 @@ def test_imports_go_one_way():
                 if parts[0] == "vllm_safeinfer" and len(parts) > 1 and parts[1] in forbidden:
                     problems.append(f"{path.relative_to(ROOT)} imports {module}")
     assert not problems, "\n".join(problems)
+
+
+def test_the_cli_names_the_extras_setup_declares():
+    """The CLI's message for a missing package names the extra that installs it."""
+    from vllm_safeinfer.cli import EXTRAS
+
+    _, extras = requirements()
+    for package, extra in EXTRAS.items():
+        assert normalized(package) in extras[extra], (package, extra)
+    declared = {normalized(d) for name in ("eval", "expert") for d in extras[name]}
+    assert declared == {normalized(package) for package in EXTRAS}

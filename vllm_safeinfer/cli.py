@@ -225,18 +225,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="vLLM's OpenAI-compatible server with SafeInfer",
                        description="Unknown arguments are passed to vLLM's server unchanged.")
     add_arguments(p)
-    p.set_defaults(command_handler=_serve, command_parser=p, accepts_unknown=True)
-
-
-def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """`safeinfer serve`: this process becomes vLLM's server (`server.serve.run`)."""
-    from vllm_safeinfer.server.config_flags import safeinfer_dict
-    from vllm_safeinfer.server.serve import run as serve
-
-    try:
-        serve(args, safeinfer_dict(args))
-    except ValueError as err:
-        parser.error(str(err))
+    p.set_defaults(accepts_unknown=True)
+    _runs(p, "vllm_safeinfer.server.serve:serve_command")
 
 
 def _add_harmeval(sub: argparse._SubParsersAction) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vllm_safeinfer.common.config import CONFIG_KEY
-from vllm_safeinfer.server.config_flags import add_safeinfer_arguments
+from vllm_safeinfer.server.config_flags import add_safeinfer_arguments, safeinfer_dict
 from vllm_safeinfer.server.http_api import ADMIN_KEY_ENV, MIDDLEWARE
 
 
@@ -31,6 +31,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"the operator's key for publishing vectors (or set "
                         f"{ADMIN_KEY_ENV}); publishing is off without one. It must differ "
                         "from --api-key")
+
+
+def serve_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`safeinfer serve`: this process becomes vLLM's server; a bad configuration is a
+    usage error."""
+    try:
+        run(args, safeinfer_dict(args))
+    except ValueError as err:
+        parser.error(str(err))
+    return 0
 
 
 def run(args: argparse.Namespace, safeinfer: Mapping[str, Any]) -> None:
