@@ -320,3 +320,11 @@ def test_serve_refuses_an_admin_key_equal_to_the_inference_key(capsys):
               "--api-key", "k"])
     assert exit_.value.code == 2
     assert "--safeinfer-admin-key must differ from --api-key" in capsys.readouterr().err
+
+
+def test_a_stamp_of_contents_never_loaded_steers_with_the_names_row(tiny_assets, caplog):
+    assets = tiny_assets("tiny-llama")
+    config = SafeInferConfig.from_dict({"vectors": {"a": assets.vectors["a"]}})
+    table = VectorTable(config, _ModelConfig(assets.hidden_size))
+    assert table.entry("a", "f" * 64) == table.entries["a"]
+    assert "did not load" in caplog.text

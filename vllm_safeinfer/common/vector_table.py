@@ -11,12 +11,15 @@ request keeps the contents it started with.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from vllm_safeinfer.common.config import SafeInferConfig
 from vllm_safeinfer.common.vectors import SafetyVector, content_sha256, read_vector_file
+
+logger = logging.getLogger(__name__)
 
 RELOAD_SLOTS = 16
 
@@ -42,6 +45,7 @@ class VectorTable:
     def __init__(self, config: SafeInferConfig, model_config) -> None:
         self.entries: dict[str, LoadedVector] = {}
         self.by_sha256: dict[str, LoadedVector] = {}
+        self._unknown: set[str] = set()
         self._config = config
         self._model_config = model_config
         rows = []
@@ -124,5 +128,15 @@ class VectorTable:
         return self.entries[name]
 
     def entry(self, name: str, sha256: str | None) -> LoadedVector:
-        """The entry a request steers with: the contents its stamp names, else `name`'s."""
+        """The entry a request steers with: the contents its stamp names, else `name`'s
+        (a request stamped with contents this process never loaded: a configured file
+        rewritten between the engine core's and this worker's start-up reads)."""
+        if sha256 is not None and sha256 not in self.by_sha256:
+            if sha256 not in self._unknown:
+                self._unknown.add(sha256)
+                logger.warning("SafeInfer: vector %r is stamped with contents %s that this "
+                               "process did not load (was its file rewritten while the "
+                               "server started?); steering with the %s it loaded", name,
+                               sha256[:12], self.entries[name].sha256[:12])
+            return self.entries[name]
         return self.by_sha256.get(sha256 or "", self.entries[name])
