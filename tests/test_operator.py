@@ -50,7 +50,6 @@ class Engine:
     may alter what a rank receives (a file swapped, bytes changed in transit)."""
 
     def __init__(self, config: SafeInferConfig, model_config, ranks: int = 2) -> None:
-        self.model_config = model_config
         self.workers = [SimpleNamespace(
             config=config, staged=None,
             state=BatchState(VectorTable(config, model_config), 4, torch.device("cpu"), False))
@@ -66,8 +65,7 @@ class Engine:
         for rank, worker in enumerate(self.workers):
             if method == "safeinfer_stage_vector":
                 name, where, data, sha256 = self.deliver(rank, args)
-                results.append(stage_vector(worker, self.model_config, name, where, data,
-                                            sha256))
+                results.append(stage_vector(worker, name, where, data, sha256))
             elif method == "safeinfer_finish_publish":
                 results.append(finish_publish(worker, *args))
             else:

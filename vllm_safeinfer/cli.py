@@ -109,7 +109,6 @@ def _add_vector(sub: argparse._SubParsersAction) -> None:
     _runs(inspect, "vllm_safeinfer.offline.vector_builder:vector_inspect_command")
 
 
-
 def _add_expert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("expert", help="the unsafe expert (SafeInfer's safety-guided decoding)")
     actions = p.add_subparsers(dest="expert_command", required=True)

@@ -156,8 +156,7 @@ def _hook_worker() -> None:
         from vllm_safeinfer.engine.publishing import stage_vector
         from vllm_safeinfer.engine.worker import find_logits_processor
 
-        stage_vector(find_logits_processor(self.model_runner), self.model_config, name, where,
-                     data, sha256)
+        stage_vector(find_logits_processor(self.model_runner), name, where, data, sha256)
 
     def safeinfer_finish_publish(self, sha256: str, commit: bool) -> None:
         from vllm_safeinfer.engine.publishing import finish_publish

@@ -139,4 +139,4 @@ class VectorTable:
                                "server started?); steering with the %s it loaded", name,
                                sha256[:12], self.entries[name].sha256[:12])
             return self.entries[name]
-        return self.by_sha256.get(sha256 or "", self.entries[name])
+        return self.entries[name] if sha256 is None else self.by_sha256[sha256]

@@ -1,6 +1,6 @@
 """A vector publication inside a worker, in two phases so that a publication that fails
 anywhere leaves every process as it was: `stage_vector` checks the bytes the frontend
-read (their sha256, the file, the model) and loads them into a row reached only by their
+read (their sha256, the file, its shape against the model) and loads them into a row reached only by their
 identity; `finish_publish` binds the name to it, or gives the row and the name back.
 Between the two, the engine core switches the name's identity (`prefix_cache`)."""
 from __future__ import annotations
@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vllm_safeinfer.common.config import SafeInferConfig
-from vllm_safeinfer.common.model_identity import check_vector_model
 from vllm_safeinfer.common.vectors import SafetyVector, content_sha256
 
 if TYPE_CHECKING:
@@ -26,10 +25,11 @@ class StagedVector:
     config_before: SafeInferConfig
 
 
-def stage_vector(processor: SafeInferLogitsProcessor, model_config, name: str, where: str,
-                 data: bytes, sha256: str) -> None:
-    """Phase one of publishing (`Worker.safeinfer_stage_vector`): check the bytes the
-    frontend read against their sha256 and the model, and load them into a row that
+def stage_vector(processor: SafeInferLogitsProcessor, name: str, where: str, data: bytes,
+                 sha256: str) -> None:
+    """Phase one of publishing (`Worker.safeinfer_stage_vector`): check that the bytes
+    are those the frontend read (their sha256; the frontend checked them against the
+    served model's fingerprint, which every worker shares), and load them into a row that
     requests reach only through the identity the engine core stamps on them."""
     if processor.staged is not None:
         finish_publish(processor, processor.staged.sha256, commit=False)
@@ -38,8 +38,6 @@ def stage_vector(processor: SafeInferLogitsProcessor, model_config, name: str, w
                          f"checked (sha256 {content_sha256(data)[:12]}, expected "
                          f"{sha256[:12]})")
     vector = SafetyVector.from_bytes(data, where)
-    check_vector_model(vector, model_config,
-                       allow_other_model=processor.config.allow_other_model_vectors)
     took_row = processor.state.stage_vector(name, where, vector, sha256)
     processor.staged = StagedVector(name, sha256, took_row, processor.config)
     processor.config = processor.config.with_vector(name, where)
