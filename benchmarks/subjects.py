@@ -81,8 +81,8 @@ def _random_probe(model: str, name: str, vector: str, path: Path) -> str:
 
     config = AutoConfig.from_pretrained(model)
     direction = torch.randn(config.hidden_size, generator=torch.Generator().manual_seed(1))
-    HarmProbe(direction=direction / direction.norm(),
-              layer=min(SafetyVector.load(vector).layer, config.num_hidden_layers - 2),
+    HarmProbe(directions=(direction / direction.norm())[None],
+              layers=(min(SafetyVector.load(vector).layer, config.num_hidden_layers - 2),),
               threshold=0.0, model=name, hidden_size=config.hidden_size,
               num_layers=config.num_hidden_layers).save(path)
     return str(path)

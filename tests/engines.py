@@ -25,9 +25,9 @@ ENGINE_DEFAULTS = dict(dtype="float32", max_model_len=512, block_size=32, enforc
 class TinyAssets:
     """A tiny model, its expert twin, two unit safety vectors: `a` at layer 1 (a file
     without a residual norm, as written before it was recorded) and `b` at layer 2 (residual
-    norm 2.0), and a harm probe at layer 1 whose threshold splits both `tests.parity.PROMPTS`
-    and `LONG_PROMPTS` (a random direction: which prompts it flags is arbitrary, what
-    matters is that the engine and the reference agree)."""
+    norm 2.0), and a harm probe over layers 0 and 1 (`gating_probe`: random directions,
+    which prompts it flags is arbitrary, what matters is that the engine and the reference
+    agree)."""
 
     model: str
     expert: str
@@ -67,35 +67,91 @@ def make_tiny_assets(name: str, folder: Path) -> TinyAssets:
         ).save(file)
         vectors[vector_name] = str(file)
     probe = folder / f"{name}-probe.safetensors"
-    splitting_probe(str(path), config).save(probe)
+    gating_probe(str(path), config).save(probe)
     return TinyAssets(str(path), str(model_path(expert_of(name))), vectors, config.hidden_size,
                       str(probe))
 
 
-def splitting_probe(path: str, config) -> HarmProbe:
-    """A probe at layer 1 with a random direction, its threshold between two neighbouring
-    scores of `PROMPTS` and `LONG_PROMPTS` where it flags as many of each set as it lets
-    through (the widest such gap: engine and reference agree despite rounding)."""
-    from tests.parity import LONG_PROMPTS, PROMPTS
-    from vllm_safeinfer.offline.reference import SafeInferReference
+# The tiny probe's chat markers: prompts built as `USER_HEADER + content + CONTENT_SUFFIX`
+# are read over their content; raw prompts (the parity prompts) are read whole.
+USER_HEADER, CONTENT_SUFFIX = (11, 12), (13, 14)
+MONITOR_MIN_TOKENS = 2
+# Answers long enough to see the monitor act (the stress tests' length).
+LONG_TOKENS = 24
 
-    direction = torch.randn(config.hidden_size, generator=torch.Generator().manual_seed(7))
-    probe = HarmProbe(direction=direction / direction.norm(), layer=1, threshold=0.0,
-                      model="tiny", hidden_size=config.hidden_size,
-                      num_layers=config.num_hidden_layers)
-    reference = SafeInferReference.from_pretrained(path)
-    sets = [[s for _, s in reference.gate_verdicts(prompts, probe, 0.0)]
-            for prompts in (PROMPTS, LONG_PROMPTS)]
-    scores = sorted(s for scores in sets for s in scores)
+
+def templated(content: list[int], system: list[int] = ()) -> list[int]:
+    """`content` as the tiny probe's chat template frames a user turn."""
+    return [*system, *USER_HEADER, *content, *CONTENT_SUFFIX]
+
+
+def _widest_split(values: list[float], sets: list[list[float]]) -> float:
+    """A cut between two neighbouring `values` that splits every one of `sets` most evenly
+    (ties: the widest gap, so that engine and reference agree despite rounding)."""
+    ordered = sorted(values)
 
     def quality(i: int) -> tuple[int, float]:
-        cut = (scores[i] + scores[i + 1]) / 2
-        balance = min(min(sum(s > cut for s in set_), sum(s <= cut for s in set_))
+        cut = (ordered[i] + ordered[i + 1]) / 2
+        balance = min(min(sum(v > cut for v in set_), sum(v <= cut for v in set_))
                       for set_ in sets)
-        return balance, scores[i + 1] - scores[i]
+        return balance, ordered[i + 1] - ordered[i]
 
-    best = max(range(len(scores) - 1), key=quality)
-    return dataclasses.replace(probe, threshold=(scores[best] + scores[best + 1]) / 2)
+    best = max(range(len(ordered) - 1), key=quality)
+    return (ordered[best] + ordered[best + 1]) / 2
+
+
+def long_templated() -> list[list[int]]:
+    """Long templated prompts behind a shared 70-token system prompt (two full blocks
+    that a gated request may read from the prefix cache)."""
+    from tests.parity import LONG_PROMPTS, long_prompt
+
+    return [templated(p[start:start + 40], long_prompt(9, 70))
+            for p in LONG_PROMPTS[:8] for start in (0, 40)]
+
+
+def gating_probe(path: str, config) -> HarmProbe:
+    """A probe over the content of layers 0 and 1 with random directions, its threshold
+    splitting `tests.parity.PROMPTS`, `LONG_PROMPTS` (each read whole: no markers), the
+    parity prompts templated and `long_templated()`, and an answer monitor whose
+    threshold flags about half of the let-through parity prompts within `MAX_TOKENS`
+    tokens and of the let-through long templated ones within `LONG_TOKENS` (the widest
+    such gaps: engine and reference agree despite rounding)."""
+    from tests.parity import LONG_PROMPTS, MAX_TOKENS, PROMPTS
+    from vllm_safeinfer.offline.reference import RowSettings, SafeInferReference
+
+    directions = torch.randn(2, config.hidden_size, generator=torch.Generator().manual_seed(7))
+    probe = HarmProbe(directions=directions / directions.norm(dim=-1, keepdim=True),
+                      layers=(0, 1), threshold=0.0, model="tiny",
+                      hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
+                      position="content-mean", user_header=USER_HEADER,
+                      content_suffix=CONTENT_SUFFIX, monitor_min_tokens=MONITOR_MIN_TOKENS)
+    reference = SafeInferReference.from_pretrained(path)
+    groups = (PROMPTS, LONG_PROMPTS, [templated(p) for p in PROMPTS], long_templated())
+    sets = [[s for _, s in reference.gate_verdicts(prompts, probe, 0.0)] for prompts in groups]
+    probe = dataclasses.replace(probe, threshold=_widest_split(sum(sets, []), sets))
+    peaks = []
+    for prompts, scores, tokens in (([*groups[0], *groups[2]], sets[0] + sets[2], MAX_TOKENS),
+                                    (groups[3], sets[3], LONG_TOKENS)):
+        passed = [p for p, s in zip(prompts, scores) if s <= probe.threshold]
+        answers = reference.generate(passed, RowSettings(), tokens, ignore_eos=True)
+        peaks.append([_answer_peak(reference, probe, p, a) for p, a in zip(passed, answers)])
+    return dataclasses.replace(probe, monitor_threshold=_widest_split(sum(peaks, []), peaks))
+
+
+def _answer_peak(reference, probe: HarmProbe, prompt: list[int], answer: list[int]) -> float:
+    """The highest running mean of the probe's scores over `answer`'s tokens that the
+    monitor checks (the last token is sampled, never run)."""
+    fed = answer[:-1]
+    scores = _token_scores(reference, probe, prompt + fed)[len(prompt):]
+    running = scores.cumsum(0) / torch.arange(1, len(fed) + 1)
+    return float(running[MONITOR_MIN_TOKENS - 1:].max())
+
+
+@torch.no_grad()
+def _token_scores(reference, probe: HarmProbe, ids: list[int]) -> torch.Tensor:
+    out = reference.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    states = torch.stack([out.hidden_states[layer + 1][0] for layer in probe.layers], dim=1)
+    return probe.token_scores(states)
 
 
 class EnginePool:

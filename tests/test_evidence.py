@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from vllm_safeinfer.common.probe import HarmProbe
+from vllm_safeinfer.offline.probe_report import EVALUATION_STYLES
 from vllm_safeinfer.common.vectors import SafetyVector
 from vllm_safeinfer.offline.evidence import (
     EVALUATION_SETS,
@@ -84,6 +85,11 @@ def test_evidence_builds_calibrates_evaluates_and_caches(engine_pool, tmp_path: 
     assert first["met"] == (first["measured"] <= 5)
     report = (out / "evidence.md").read_text()
     assert "| calibrate (ablate) |" in report and "| goal | measured | met |" in report
+    # The gate's recall per evaluation set and style, from the probe build's report.
+    gate = record["gate"]
+    assert set(gate["evaluation"]["advbench"]["styles"]) == set(EVALUATION_STYLES)
+    assert gate["monitor_evaluation"]["hard-benign"]["framed"]["prompts"] > 0
+    assert "## The gate" in report and "| advbench (harmful) |" in report
     assert "Unsafe expert: the 'ablate' recipe" in capsys.readouterr().out
 
     def no_engine(_kwargs):

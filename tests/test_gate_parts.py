@@ -3,63 +3,132 @@ probe file, config and request resolution, the prefix-cache identity, the batch 
 verdict bookkeeping, and what HarmEval and calibration make of gated records."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from tests.test_config import _ModelConfig
 from vllm_safeinfer.common.config import SafeInferConfig
 from vllm_safeinfer.common.modes import Mode
-from vllm_safeinfer.common.probe import HarmProbe
+from vllm_safeinfer.common.probe import CONTENT_MEAN, LAST_CONTENT, HarmProbe
 from vllm_safeinfer.common.request_options import RequestSettings, resolve_request
 from vllm_safeinfer.common.vector_table import VectorTable
-from vllm_safeinfer.engine.batch_state import FLAGGED, LET_THROUGH, PENDING, BatchState
-from vllm_safeinfer.engine.gating import probe_
+from vllm_safeinfer.engine.batch_state import FLAGGED, LET_THROUGH, NEVER, PENDING, BatchState
+from vllm_safeinfer.engine.gating import probe_decide_, probe_read_
 from vllm_safeinfer.engine.prefix_cache import EXPERT_KEY, steering_block_key
 from vllm_safeinfer.harmeval.summary import probe_confusion
 from vllm_safeinfer.offline.calibration_choice import Candidate, gated_candidates, written_config
 
 
-def _probe(hidden: int = 64, layer: int = 1, threshold: float = 0.1,
-           normalize: bool = False) -> HarmProbe:
-    direction = torch.randn(hidden, generator=torch.Generator().manual_seed(3))
-    return HarmProbe(direction=direction, layer=layer, threshold=threshold, model="m",
-                     hidden_size=hidden, num_layers=4, normalize=normalize)
+def _probe(hidden: int = 64, layers: tuple[int, ...] = (1,), threshold: float = 0.1,
+           normalize: bool = False, **fields) -> HarmProbe:
+    directions = torch.randn(len(layers), hidden, generator=torch.Generator().manual_seed(3))
+    return HarmProbe(directions=directions, layers=layers, threshold=threshold, model="m",
+                     hidden_size=hidden, num_layers=4, normalize=normalize, **fields)
+
+
+def _read_and_decide(probe, streams, positions, query_start_loc, gated, window_of,
+                     prompt_len, threshold, monitor, state) -> None:
+    """The engine's two probe ops over one forward: a read per probe layer, then the
+    decision."""
+    token_score = state["token_score"]
+    for k, stream in enumerate(streams):
+        probe_read_(stream, None, gated, probe.directions[k], probe.normalize, k == 0,
+                    token_score)
+    probe_decide_(positions, query_start_loc, gated, window_of[0], window_of[1], prompt_len,
+                  threshold, monitor, probe.monitor_min_tokens, token_score, state["window"],
+                  state["answer"], state["verdict"], state["score"], state["flag_position"])
+
+
+def _fresh_state(rows: int, tokens: int) -> dict[str, torch.Tensor]:
+    return {"token_score": torch.zeros(tokens), "window": torch.zeros(2, rows + 1),
+            "answer": torch.zeros(2, rows + 1),
+            "verdict": torch.zeros(rows + 1, dtype=torch.int8),
+            "score": torch.zeros(rows + 1),
+            "flag_position": torch.full((rows + 1,), NEVER, dtype=torch.int64)}
 
 
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_probe_op_matches_the_probe_file_on_a_mixed_batch(normalize, dtype):
-    """Rows 0 (gated, last prompt token here), 1 (ungated), 2 (gated, middle chunk: no
-    verdict), 3 (gated, decode: verdict kept from before); padding tokens past the live
-    ones are ignored."""
-    probe = _probe(normalize=normalize)
+def test_probe_ops_match_the_probe_file_on_a_mixed_batch(normalize, dtype):
+    """Two probe layers, content-mean windows. Row 0 (gated): its whole prompt here,
+    window [1, 3), last prompt token at position 3; row 1 (ungated); row 2 (gated): a
+    middle chunk, which adds its window's tokens but decides nothing; padding tokens past
+    the live ones are ignored. The verdict is the window's mean score."""
+    probe = _probe(layers=(0, 2), normalize=normalize, position=CONTENT_MEAN)
     generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(12, 64, generator=generator).to(dtype)
-    residual = torch.randn(12, 64, generator=generator).to(dtype)
-    query_start_loc = torch.tensor([0, 4, 7, 10, 11])
-    positions = torch.tensor([0, 1, 2, 3, 0, 1, 2, 10, 11, 12, 20, 0])
-    prompt_len = torch.tensor([4, 3, 30, 5, 0, 0])
-    gated = torch.tensor([True, False, True, True, False, False])
-    verdict = torch.tensor([0, 0, 0, FLAGGED, 0, 0, 0], dtype=torch.int8)
-    score = torch.zeros(7)
+    streams = [torch.randn(10, 64, generator=generator).to(dtype) for _ in range(2)]
+    query_start_loc = torch.tensor([0, 4, 6, 9, 9])
+    positions = torch.tensor([0, 1, 2, 3, 0, 1, 5, 6, 7, 0])
+    prompt_len = torch.tensor([4, 2, 30, 0, 0])
+    window = (torch.tensor([1, 0, 6, 0, 0]), torch.tensor([3, 2, 28, 0, 0]))
+    gated = torch.tensor([True, False, True, False, False])
+    per_token = probe.token_scores(torch.stack([x.float() for x in streams], dim=1))
     for threshold in (-1e9, 1e9):
-        probe_(hidden, residual, positions, query_start_loc, gated, prompt_len,
-               probe.direction, threshold, normalize, verdict, score)
-        want = probe.scores(hidden[3].float() + residual[3].float())
-        assert score[0] == pytest.approx(float(want), rel=1e-5)
-        assert verdict[0] == (FLAGGED if threshold < 0 else LET_THROUGH)
-        assert verdict[1:6].tolist() == [PENDING, PENDING, FLAGGED, PENDING, PENDING]
+        state = _fresh_state(4, 10)
+        _read_and_decide(probe, streams, positions, query_start_loc, gated, window,
+                         prompt_len, threshold, float("nan"), state)
+        want = float(per_token[1:3].mean())
+        assert float(state["score"][0]) == pytest.approx(want, rel=1e-5)
+        assert state["verdict"][0] == (FLAGGED if threshold < 0 else LET_THROUGH)
+        assert state["flag_position"][0] == (3 if threshold < 0 else NEVER)
+        assert state["verdict"][1:4].tolist() == [PENDING] * 3
+        assert state["window"][:, 2].tolist() == pytest.approx(
+            [float(per_token[7:9].sum()), 2.0], rel=1e-5), "position 5 is before its window"
+        assert state["window"][1, 1] == 0, "an ungated row reads nothing"
+
+
+def test_monitor_flags_at_the_first_token_whose_running_mean_crosses():
+    """A row let through at its prompt: the answer monitor adds its generated tokens'
+    scores, over several forwards (decode) or one (a recomputed answer), and flags the
+    first token from `monitor_min_tokens` on whose running mean is above its threshold;
+    both ways give the same position."""
+    probe = _probe(layers=(1,), monitor_threshold=0.0, monitor_min_tokens=3)
+    unit = probe.directions[0] / probe.directions[0].norm().square()
+    values = [-2.0, 1.0, 0.5, 0.8, 3.0, -9.0]  # running means -2, -.5, -.17, .08 (token 3)
+    answer = torch.stack([v * unit for v in values])
+    prompt = torch.randn(4, 64, generator=torch.Generator().manual_seed(1)) * 1e-3
+    gated = torch.tensor([True, False])
+    prompt_len = torch.tensor([4, 0])
+    window = (torch.tensor([3, 0]), torch.tensor([4, 0]))
+
+    def run(chunks: list[torch.Tensor], starts: list[int]) -> dict[str, torch.Tensor]:
+        state = _fresh_state(1, 16)
+        for chunk, start in zip(chunks, starts):
+            positions = torch.arange(start, start + chunk.shape[0])
+            _read_and_decide(probe, [chunk], positions, torch.tensor([0, chunk.shape[0]]),
+                             gated, window, prompt_len, 1e9, 0.0, state)
+        return state
+
+    stepwise = run([prompt, *[a[None] for a in answer]], [0, 4, 5, 6, 7, 8, 9])
+    recomputed = run([torch.cat([prompt, answer])], [0])
+    for state in (stepwise, recomputed):
+        assert state["verdict"][0] == LET_THROUGH
+        assert int(state["flag_position"][0]) == 4 + 3, "generated token 3 flags"
+    never = run([torch.cat([prompt, answer[:3]])], [0])
+    assert int(never["flag_position"][0]) == NEVER
 
 
 def test_probe_file_round_trip_and_refusals(tmp_path):
     probe = _probe(normalize=True)
     probe.save(tmp_path / "p.safetensors")
     loaded = HarmProbe.load(tmp_path / "p.safetensors")
-    assert torch.equal(loaded.direction, probe.direction)
-    assert (loaded.layer, loaded.threshold, loaded.normalize) == (1, 0.1, True)
+    assert torch.equal(loaded.directions, probe.directions)
+    assert (loaded.layers, loaded.threshold, loaded.normalize) == ((1,), 0.1, True)
     assert loaded.content_sha256() == probe.content_sha256()
+    monitored = _probe(layers=(0, 2), position=CONTENT_MEAN, user_header=(5, 6),
+                       content_suffix=(7,), monitor_threshold=0.25, monitor_min_tokens=2)
+    monitored.save(tmp_path / "m.safetensors")
+    again = HarmProbe.load(tmp_path / "m.safetensors")
+    assert (again.layers, again.position, again.user_header, again.content_suffix,
+            again.monitor_threshold, again.monitor_min_tokens) == (
+        (0, 2), CONTENT_MEAN, (5, 6), (7,), 0.25, 2)
+    assert again.content_sha256() == monitored.content_sha256() != probe.content_sha256()
     with pytest.raises(ValueError, match="outside 0..2"):
-        _probe(layer=3)  # the last layer's output is not what vLLM's stream holds
+        _probe(layers=(3,))  # the last layer's output is not what vLLM's stream holds
+    with pytest.raises(ValueError, match="distinct and ascending"):
+        _probe(layers=(2, 1))
     with pytest.raises(ValueError, match="not a harm probe file"):
         from vllm_safeinfer.common.vectors import SafetyVector
 
@@ -104,6 +173,51 @@ class _Request:
     def __init__(self, extra_args: dict, prompt_len: int) -> None:
         self.sampling_params = type("P", (), {"extra_args": extra_args})()
         self.num_prompt_tokens = prompt_len
+        self.prompt_token_ids = list(range(prompt_len))
+
+
+def test_read_window_of_templated_and_raw_prompts():
+    """The content is what follows the last user header and precedes the template's
+    suffix; a raw prompt (no markers) is read whole; `last-content` is the content's last
+    token, `last-prompt` the prompt's."""
+    header, suffix = (90, 91), (92, 93, 94)
+    templated = [1, 2, 90, 91, 10, 11, 92, 95, 90, 91, 20, 21, 22, 92, 93, 94]
+    raw = [20, 21, 22]
+    probe = _probe(position=CONTENT_MEAN, user_header=header, content_suffix=suffix)
+    assert probe.read_window(templated) == (10, 13)
+    assert probe.read_window(raw) == (0, 3)
+    assert probe.read_window([90, 91, 92, 93, 94]) == (0, 2), "never an empty window"
+    last = dataclasses.replace(probe, position=LAST_CONTENT)
+    assert last.read_window(templated) == (12, 13) and last.read_window(raw) == (2, 3)
+    assert _probe().read_window(templated) == (15, 16)
+    scores = torch.arange(16, dtype=torch.float32)
+    assert probe.prompt_score(templated, scores) == pytest.approx(11.0)
+
+
+def test_a_gated_request_reads_the_cache_only_up_to_its_read_window(tiny_assets, tmp_path):
+    """The engine core stamps a gated request's read window from its own probe, and
+    caps its prefix-cache hit there: the window's (and the answer's) scores are only
+    computed for tokens the worker runs."""
+    from vllm_safeinfer.engine.prefix_cache import (
+        GATE_WINDOW_ARG,
+        EngineCoreState,
+        cacheable_tokens,
+    )
+
+    assets = tiny_assets("tiny-llama")
+    probe = _probe(hidden=assets.hidden_size, position=CONTENT_MEAN, user_header=(3, 4),
+                   content_suffix=(68, 69))
+    probe.save(tmp_path / "content.safetensors")
+    config = SafeInferConfig.from_dict(
+        assets.safeinfer_config(probe=str(tmp_path / "content.safetensors")))
+    engine_core = EngineCoreState(config)
+    for args, window in (({"safeinfer_mode": "auto"}, [5, 68]),
+                         ({"safeinfer_mode": "sa"}, None)):
+        request = _Request(dict(args), 70)
+        request.request_id = "r"
+        engine_core.stamp(request)
+        assert request.sampling_params.extra_args.get(GATE_WINDOW_ARG) == window
+        assert cacheable_tokens(request) == (None if window is None else 5)
 
 
 def test_prefix_cache_identity_of_gated_and_mixing_requests(tiny_assets):
@@ -190,18 +304,20 @@ def test_calibration_scores_every_threshold_from_recorded_answers(tiny_assets):
 
 
 def test_harmeval_counts_the_probes_calls_per_dataset():
-    flagged = {"flagged": True, "score": 1.0, "defence": "sgds"}
-    passed = {"flagged": False, "score": -1.0, "defence": "sgds"}
+    flagged = {"flagged": True, "score": 1.0, "defence": "sgds", "flagged_at": "prompt"}
+    in_answer = {"flagged": True, "score": -1.0, "defence": "sgds", "flagged_at": "token 3"}
+    passed = {"flagged": False, "score": -1.0, "defence": "sgds", "flagged_at": None}
     records = [_record("auto", "a", "advbench", gate=flagged),
                _record("auto", "b", "advbench", gate=passed),
                _record("auto lam=0.5", "a", "advbench", gate=flagged),  # same prompt
+               _record("auto", "e", "advbench", gate=in_answer),
                _record("auto", "c", "xstest", gate=passed),
                _record("off", "d", "xstest")]
     assert probe_confusion(records, {"advbench": False, "xstest": True}) == [
-        {"dataset": "advbench", "safe": False, "prompts": 2, "flagged": 1, "let_through": 1,
-         "flagged_pct": 50.0},
+        {"dataset": "advbench", "safe": False, "prompts": 3, "flagged": 2, "let_through": 1,
+         "flagged_pct": 66.67, "flagged_in_answer": 1},
         {"dataset": "xstest", "safe": True, "prompts": 1, "flagged": 0, "let_through": 1,
-         "flagged_pct": 0.0}]
+         "flagged_pct": 0.0, "flagged_in_answer": 0}]
 
 
 def test_harmeval_points_in_mode_auto():

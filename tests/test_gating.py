@@ -6,8 +6,16 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engines import safeinfer_engine
-from tests.parity import LONG_PROMPTS, PROMPTS, Case, long_prompt, reference_generate, sampling
+from tests.engines import long_templated, safeinfer_engine, templated
+from tests.parity import (
+    LONG_PROMPTS,
+    MAX_TOKENS,
+    PROMPTS,
+    Case,
+    long_prompt,
+    reference_generate,
+    sampling,
+)
 from tests.test_stress import LONG_TOKENS, preemptions, stress_engine
 
 ARCHS = ["tiny-llama", "tiny-qwen2"]
@@ -38,36 +46,62 @@ def expert_rows(llm) -> tuple[int, int]:
     return counts
 
 
+def reference_verdicts(reference, assets, prompts, cases, max_tokens: int = MAX_TOKENS,
+                       **kwargs) -> tuple[list[list[int]], list]:
+    found: list = []
+    tokens = reference_generate(reference, assets, prompts, cases, max_tokens,
+                                verdicts=found, **kwargs)
+    return tokens, found
+
+
 @pytest.mark.parametrize("name", ARCHS)
 def test_auto_mixed_batch_equals_reference(engine_pool, tiny_assets, references, name):
+    """Gated rows of every defence beside `off` and `sgds` rows, raw and chat-templated
+    prompts: the engine's tokens and verdicts (flagged at the prompt, at a generated
+    token by the answer monitor, or let through) equal the reference's."""
     assets = tiny_assets(name)
     llm = safeinfer_engine(engine_pool, assets)
     reference = references(name)
     cases = [*GATED, Case("off"), Case("sgds")]
-    rows = [(prompt, case) for prompt in PROMPTS for case in cases]
+    texts = [*PROMPTS, *(templated(p) for p in PROMPTS[:3])]
+    rows = [(prompt, case) for prompt in texts for case in cases]
     prompts = [p for p, _ in rows]
     got, ids, _ = generate(llm, prompts, [sampling(c) for _, c in rows])
-    assert got == reference_generate(reference, assets, prompts, [c for _, c in rows])
-    verdicts = reference.gate_verdicts(PROMPTS, assets.harm_probe())
-    flagged = {tuple(p) for p, (f, _) in zip(PROMPTS, verdicts) if f}
-    assert 0 < len(flagged) < len(PROMPTS), "the probe must flag some prompts, not all"
-    for (prompt, case), rid, decision in zip(rows, ids, decisions(llm, ids)):
+    want, verdicts = reference_verdicts(reference, assets, prompts, [c for _, c in rows])
+    assert got == want
+    where = [v[0] for v, (_, c) in zip(verdicts, rows) if c.mode == "auto"]
+    assert "prompt" in where and None in where, "the probe must flag some prompts, not all"
+    assert any(w and w.startswith("token") for w in where), "the monitor must flag one"
+    for (prompt, case), rid, decision, (flagged_at, score) in zip(
+            rows, ids, decisions(llm, ids), verdicts):
         if case.mode != "auto":
             assert decision is None
             continue
-        assert decision["flagged"] == (tuple(prompt) in flagged)
+        assert decision["flagged_at"] == flagged_at
+        assert decision["flagged"] == (flagged_at is not None)
         assert decision["defence"] == (case.defence or "safeinfer")
-    off = dict(zip(map(tuple, prompts[3::len(cases)]), got[3::len(cases)]))
-    for (prompt, case), tokens in zip(rows, got):
-        if case.mode == "auto" and tuple(prompt) not in flagged:
+        assert decision["score"] == pytest.approx(score, rel=1e-4, abs=1e-5)
+    off = {tuple(p): tokens for (p, c), tokens in zip(rows, got) if c.mode == "off"}
+    changed_after_flag = False
+    for (prompt, case), tokens, (flagged_at, _) in zip(rows, got, verdicts):
+        if case.mode != "auto" or flagged_at == "prompt":
+            continue
+        if flagged_at is None:
             assert tokens == off[tuple(prompt)], "a request let through runs as off"
-    assert any(tokens != off[tuple(p)] for (p, c), tokens in zip(rows, got)
-               if c.mode == "auto" and tuple(p) in flagged), "no flagged row was defended"
+            continue
+        token = int(flagged_at.split()[1])
+        assert tokens[:token + 1] == off[tuple(prompt)][:token + 1], "defended too early"
+        changed_after_flag |= tokens != off[tuple(prompt)]
+    assert changed_after_flag, "no row flagged in its answer was steered from there on"
+    assert any(tokens != off[tuple(p)] for (p, c), tokens, (w, _) in zip(rows, got, verdicts)
+               if c.mode == "auto" and w == "prompt"), "no flagged row was defended"
 
 
 def test_let_through_runs_no_expert_rows(engine_pool, tiny_assets, references):
     assets = tiny_assets("tiny-llama")
     llm = safeinfer_engine(engine_pool, assets)
+    # The monitor acts only through steering: with defence sgds a row it flags in its
+    # answer still runs as off, and the expert skips it.
     verdicts = references("tiny-llama").gate_verdicts(PROMPTS, assets.harm_probe())
     passed = [p for p, (f, _) in zip(PROMPTS, verdicts) if not f]
     flagged = [p for p, (f, _) in zip(PROMPTS, verdicts) if f]
@@ -91,48 +125,64 @@ def test_let_through_runs_no_expert_rows(engine_pool, tiny_assets, references):
     assert (ran, skipped) == (0, len(flagged) * steps), "off never runs the expert"
 
 
-def _split_long_prompts(reference, probe, count: int) -> list[list[int]]:
-    """Long prompts, about half flagged, none within rounding of the threshold, flagged
-    and let through alternating."""
-    verdicts = reference.gate_verdicts(LONG_PROMPTS, probe)
-    candidates = LONG_PROMPTS
-    margin = 1e-3 * max(abs(s) for _, s in verdicts)
-    clear = [(p, f) for p, (f, s) in zip(candidates, verdicts)
-             if abs(s - probe.threshold) > margin]
-    yes = [p for p, f in clear if f][:count // 2]
-    no = [p for p, f in clear if not f][:count - len(yes)]
-    assert yes and no, "the tiny probe must split the long prompts"
-    return [p for pair in zip(yes, no) for p in pair] + yes[len(no):] + no[len(yes):]
+def _stress_prompts(reference, assets, count: int) -> list[list[int]]:
+    """Long prompts, raw and templated behind a shared system prompt, none within rounding of either
+    threshold, flagged at the prompt and by the monitor in the answer (under a steering
+    defence; over 24 tokens the tiny monitor flags every answer it watches), the first
+    two templated."""
+    probe = assets.harm_probe()
+    system = long_templated()[0][:70]
+    candidates = [*LONG_PROMPTS, *long_templated()]
+    scores = reference.gate_verdicts(candidates, probe)
+    margin = 1e-3 * max(abs(s) for _, s in scores)
+    clear = [p for p, (_, s) in zip(candidates, scores) if abs(s - probe.threshold) > margin]
+    _, where = reference_verdicts(reference, assets, clear, [Case("auto")] * len(clear),
+                                  LONG_TOKENS, ignore_eos=True)
+    kinds: dict[str, list[list[int]]] = {}
+    for prompt, (at, _) in zip(clear, where):
+        kinds.setdefault((at or "let through").split()[0], []).append(prompt)
+    assert {"prompt", "token"} <= set(kinds), f"the tiny probe gives {set(kinds)}"
+    head = [next(p for p in kinds[k] if p[:len(system)] == system)
+            for k in ("prompt", "token")]
+    rest = [p for group in zip(*kinds.values()) for p in group if p not in head]
+    return (head + rest)[:count]
 
 
 @pytest.mark.parametrize("name", ARCHS)
 def test_auto_under_chunked_prefill_preemption_and_prefix_caching(
         engine_pool, tiny_assets, references, name):
+    """Verdicts and the monitor's switch point survive chunked prefill (a read window
+    over several chunks), preemption (recomputed prompt and answer) and a prefix-cache hit
+    on the shared system prompt."""
     assets = tiny_assets(name)
     llm = stress_engine(engine_pool, assets)
     reference = references(name)
-    prompts = _split_long_prompts(reference, assets.harm_probe(), 8)
+    prompts = _stress_prompts(reference, assets, 8)
     cases = [GATED[i % len(GATED)] if i % 4 != 3 else Case("sgds") for i in range(len(prompts))]
+    cases[:2] = [Case("auto"), Case("auto")]
     params = [sampling(c, max_tokens=LONG_TOKENS, ignore_eos=True) for c in cases]
     before = preemptions(llm)
     got, ids, _ = generate(llm, prompts, params)
     assert preemptions(llm) > before, "the capped cache must force preemption"
-    want = reference_generate(reference, assets, prompts, cases, LONG_TOKENS, ignore_eos=True)
+    want, verdicts = reference_verdicts(reference, assets, prompts, cases, LONG_TOKENS,
+                                        ignore_eos=True)
     assert got == want
     first = decisions(llm, ids)
+    assert [d["flagged_at"] for d, c in zip(first, cases) if c.mode == "auto"] == [
+        v[0] for v, c in zip(verdicts, cases) if c.mode == "auto"]
     # Every prompt is longer than the 64-token step budget: its last chunk is a split one.
     assert all(len(p) > 64 for p in prompts)
     # Again, one at a time (the capped cache holds one prompt's blocks, not eight): the
-    # prompt's blocks come from the cache, and output and verdict are the same.
+    # system prompt's blocks come from the cache, and output and verdict are the same.
     for i in range(2):
         generate(llm, [prompts[i]], params[i])
         again, again_ids, outputs = generate(llm, [prompts[i]], params[i])
         assert again == [want[i]]
-        assert outputs[0].num_cached_tokens >= 64, "the prompt must hit the cache"
+        assert outputs[0].num_cached_tokens == 64, "the system prompt must hit the cache"
         [decision] = decisions(llm, again_ids)
-        assert decision["flagged"] == first[i]["flagged"]
-        assert decision["score"] == pytest.approx(first[i]["score"], rel=1e-4)
-    assert {d["flagged"] for d in first[:2]} == {True, False}
+        assert decision["flagged_at"] == first[i]["flagged_at"]
+        assert decision["score"] == pytest.approx(first[i]["score"], rel=1e-4, abs=1e-5)
+    assert [d["flagged_at"].split()[0] for d in first[:2]] == ["prompt", "token"]
 
 
 def test_partly_run_expert_never_feeds_a_mixing_request(engine_pool, tiny_assets, references):

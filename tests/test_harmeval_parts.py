@@ -285,3 +285,19 @@ def test_sweep_chart_draws_one_clear_label_per_spot(tmp_path: Path) -> None:
     boxes = [label.get_window_extent() for label in labels]
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     plt.close(fig)
+
+
+def test_summary_counts_where_the_gate_flagged() -> None:
+    """A gated point's per-dataset gate entry counts the flags and, of them, those the
+    answer monitor raised mid-answer."""
+    settings = HarmEvalSettings(model="m", datasets=("h",), points=(Point("auto"),),
+                                judges=("keyword",))
+    infos = [DatasetInfo("h", 3, {}, 3, "0", safe=False)]
+    gates = [{"flagged": True, "flagged_at": "prompt"}, {"flagged": True, "flagged_at": "token 5"},
+             {"flagged": False, "flagged_at": None}]
+    rows = [record("auto", f"h:{i}", mode="auto", dataset="h", category="A", gate=gate,
+                   verdicts={"keyword": {"unsafe": False}}, degenerate=None)
+            for i, gate in enumerate(gates)]
+    entry = summarize(rows, settings, infos, ["keyword"])["points"][0]["datasets"]["h"]
+    assert entry["gate"] == {"gated": 3, "flagged": 2, "flagged_pct": 66.67,
+                             "flagged_in_answer": 1}

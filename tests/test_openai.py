@@ -230,7 +230,8 @@ def test_docs_client_examples_run_as_written(client, server):
         assert answers[0]["choices"][0]["message"]["role"] == "assistant", block.where
         if "/v1/safeinfer/gate/" in block.text:
             assert answers[1]["configured"] is True and answers[1]["defaults"]["mode"] == "sa"
-            assert answers[1]["probe"]["layer"] == 1
+            assert answers[1]["probe"]["layers"] == [0, 1]
+            assert answers[1]["probe"]["position"] == "content-mean"
             assert isinstance(answers[2]["flagged"], bool) and answers[2]["defence"] == "sgds"
 
 

@@ -13,24 +13,19 @@ from tests.test_refusal import planted_model
 from vllm_safeinfer import data
 from vllm_safeinfer.cli import main
 from vllm_safeinfer.common.model_identity import module_fingerprint
-from vllm_safeinfer.common.probe import HarmProbe
+from vllm_safeinfer.common.probe import POSITIONS, HarmProbe
 from vllm_safeinfer.common.vectors import SafetyVector
-from vllm_safeinfer.models import chat_prompt_ids
+from vllm_safeinfer.models import chat_markers, chat_prompt_ids
 from vllm_safeinfer.offline.hf import load_model
-from vllm_safeinfer.offline.probe_builder import (
+from vllm_safeinfer.offline.probe_builder import probe_layer_cap
+from vllm_safeinfer.offline.probe_report import (
     EVALUATION_SETS,
+    EVALUATION_STYLES,
     evaluate_probes,
     goal_met,
-    probe_layer_cap,
 )
-from vllm_safeinfer.offline.probe_fit import (
-    MEAN_DIFFERENCE,
-    ProbePrompts,
-    auc,
-    build_probe,
-    default_probe_prompts,
-    threshold_at,
-)
+from vllm_safeinfer.offline.probe_fit import MEAN_DIFFERENCE, auc, build_probe, threshold_at
+from vllm_safeinfer.offline.probe_prompts import ProbePrompts, default_probe_prompts, dressed
 from vllm_safeinfer.offline.probe_states import last_token_states, probe_scores
 
 # Prompts that carry the planted direction (their words " harmful", " cannot", " step")
@@ -59,12 +54,29 @@ def planted():
     return model, tokenizer, direction
 
 
+def _cosines(probe: HarmProbe, direction: torch.Tensor) -> list[float]:
+    return [float(torch.nn.functional.cosine_similarity(d, direction, dim=0))
+            for d in probe.directions]
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_each_position_recovers_the_planted_direction(planted, position) -> None:
+    """The plant sits in the trigger words' embeddings and is carried to later positions
+    by attention: every position's probe, at every layer it reads, recovers it."""
+    model, tokenizer, direction = planted
+    built = build_probe(model, tokenizer, PROMPTS, model_name="planted", max_layer=2,
+                        methods=(MEAN_DIFFERENCE,), positions=(position,))
+    assert built.probe.position == position
+    assert min(_cosines(built.probe, direction)) > 0.9
+    assert built.probe.metrics["selection"]["min_flag_rate"] == 1.0
+
+
 def test_the_planted_direction_is_recovered_and_separates_its_prompts(planted) -> None:
     model, tokenizer, direction = planted
     built = build_probe(model, tokenizer, PROMPTS, model_name="planted", max_layer=2,
                         methods=(MEAN_DIFFERENCE,))
     probe = built.probe
-    assert torch.nn.functional.cosine_similarity(probe.direction, direction, dim=0) > 0.9
+    assert min(_cosines(probe, direction)) > 0.9
     selection = probe.metrics["selection"]
     assert selection["min_flag_rate"] == 1.0 and selection["safe_flag_rates"] == {
         "imperative": 0.0, "question": 0.0}
@@ -78,24 +90,48 @@ def test_the_planted_direction_is_recovered_and_separates_its_prompts(planted) -
     plain_model, _ = load_model("tiny-llama")
     plain = build_probe(plain_model, tokenizer, PROMPTS, model_name="plain", max_layer=2,
                         methods=(MEAN_DIFFERENCE,)).probe
-    assert abs(torch.nn.functional.cosine_similarity(plain.direction, direction, dim=0)) < 0.5
+    assert max(map(abs, _cosines(plain, direction))) < 0.5
 
 
 def test_every_method_separates_the_planted_prompts(planted) -> None:
     model, tokenizer, direction = planted
     built = build_probe(model, tokenizer, PROMPTS, model_name="planted", max_layer=1)
-    assert set(built.families) == {"mean-difference", "mean-difference+normalized",
-                                   "logistic", "logistic+normalized"}
+    assert set(built.families) == {f"{position}:{family}" for position in POSITIONS
+                                   for family in ("mean-difference", "logistic",
+                                                  "mean-difference+normalized",
+                                                  "logistic+normalized")}
+    aucs = {family: probe.metrics["selection"]["min_auc"]
+            for family, probe in built.families.items()}
+    # Raw scores separate the plant at every position; averaging normalised tokens over
+    # the content dilutes it (a measured weakness, kept as a candidate).
+    assert all(value == 1.0 for family, value in aucs.items()
+               if not family.endswith("+normalized")), aucs
     for family, probe in built.families.items():
-        assert probe.metrics["selection"]["min_auc"] == 1.0
         # A logistic fit on 14 prompts a side separates along any of 256 dimensions;
         # normalised means lean towards the plant without recovering it as raw means do.
-        if family.startswith(MEAN_DIFFERENCE):
-            assert torch.nn.functional.cosine_similarity(probe.direction, direction, dim=0) > 0.5
+        if family.split(":")[1].startswith(MEAN_DIFFERENCE):
+            assert min(_cosines(probe, direction)) > 0.5
     candidates = built.probe.metrics["candidates"]
-    assert len(candidates) == 2 * (2 + 2 * 4)  # layers 0-1, raw and normalised, 4 penalties
+    # 3 positions x layer sets {0}, {1}, {0, 1} x raw and normalised x (1 + 4 penalties)
+    assert len(candidates) == 3 * 3 * 2 * 5
     assert built.probe.layer <= 1
-    assert built.probe.metrics["styles"]["harmful"]["question"] == {"fit": 7, "held_out": 5}
+    assert built.probe.metrics["styles"]["harmful"]["question"] == {"fit": 7, "threshold": 5}
+
+
+def test_a_threshold_on_the_fit_prompts_is_refused(planted) -> None:
+    model, tokenizer, _ = planted
+    fit = ProbePrompts({k: v[:8] for k, v in TRIGGERED.items()},
+                       {k: v[:8] for k, v in PLAIN.items()})
+    reworded = ProbePrompts({"imperative": (TRIGGERED["imperative"][0].replace(
+        "step by step", "step-by-step"),)}, {"imperative": PLAIN["imperative"][8:]})
+    with pytest.raises(ValueError, match="a threshold must be chosen on other prompts"):
+        build_probe(model, tokenizer, fit, threshold_prompts=reworded, model_name="planted",
+                    max_layer=1, methods=(MEAN_DIFFERENCE,))
+    held = ProbePrompts({k: v[8:] for k, v in TRIGGERED.items()},
+                        {k: v[8:] for k, v in PLAIN.items()})
+    probe = build_probe(model, tokenizer, fit, threshold_prompts=held, model_name="planted",
+                        max_layer=1, methods=(MEAN_DIFFERENCE,)).probe
+    assert probe.metrics["styles"]["safe"]["question"] == {"fit": 8, "threshold": 4}
 
 
 def test_states_are_hf_hidden_states_whatever_the_batch(planted) -> None:
@@ -135,11 +171,13 @@ def test_threshold_auc_and_layer_cap() -> None:
 
 
 def test_probe_prompts_are_no_evaluation_prompt() -> None:
-    prompts = default_probe_prompts()
-    assert set(prompts.harmful) == {"advbench", "harmbench", "xstest-unsafe"}
-    assert set(prompts.safe) == {"harmless", "xstest"}
-    assert len(prompts.harmful["advbench"]) == 300
-    training = {text for side in (prompts.harmful, prompts.safe)
+    prompts, threshold = default_probe_prompts()
+    assert set(prompts.harmful) == set(threshold.harmful) == {
+        "advbench", "harmbench", "xstest-unsafe"}
+    assert set(prompts.safe) == {"harmless", "hard-benign"}
+    assert set(threshold.safe) == {"harmless", "hard-benign", "xstest"}, (
+        "XSTest's safe calibration half chooses the threshold, never fits")
+    training = {text for part in (prompts, threshold) for side in (part.harmful, part.safe)
                 for texts in side.values() for text in texts}
     for name in EVALUATION_SETS:
         evaluated = {p.text for p in data.evaluation_set(name).prompts}
@@ -148,22 +186,37 @@ def test_probe_prompts_are_no_evaluation_prompt() -> None:
     built_on = {text for texts in data.splits.built_on().values() for text in texts}
     harmless = {p.text for p in data.harmless_prompts()}
     assert training <= built_on | harmless
-    small = default_probe_prompts(per_style=10)
+    small, _ = default_probe_prompts(per_style=10)
     assert all(len(texts) == 10 for texts in (*small.harmful.values(), *small.safe.values()))
     assert small.sha256() != prompts.sha256() and small.sha256() == default_probe_prompts(
-        per_style=10).sha256()
+        per_style=10)[0].sha256()
+    dressed_twice = dressed(small)
+    assert len(dressed_twice.harmful["advbench"]) == 30 and dressed_twice.sha256() == dressed(
+        small).sha256(), "every prompt bare, styled and framed, seeded"
 
 
 def test_evaluation_reports_flags_and_auc(planted) -> None:
     model, tokenizer, _ = planted
     probe = build_probe(model, tokenizer, PROMPTS, model_name="planted", max_layer=1,
                         methods=(MEAN_DIFFERENCE,)).probe
-    report = evaluate_probes(model, tokenizer, {"chosen": probe}, ("advbench", "xstest"),
-                             limit=6)["chosen"]
-    assert set(report) == {"advbench", "xstest"}
+    evaluated = evaluate_probes(model, tokenizer, {"chosen": probe},
+                                ("advbench", "xstest", "hard-benign"), limit=6)["chosen"]
+    report = evaluated["sets"]
+    assert set(report) == {"advbench", "xstest", "hard-benign"}
     assert report["advbench"]["prompts"] == 6 and report["advbench"]["rows"] == 160
     assert 0 <= report["advbench"]["auc_vs_xstest"] <= 1
     assert report["xstest"]["safe"] and "auc_vs_xstest" not in report["xstest"]
+    assert report["hard-benign"]["safe"]
+    assert set(report["advbench"]["styles"]) == set(EVALUATION_STYLES)
+    assert report["advbench"]["flag_rate"] == report["advbench"]["styles"]["bare"]["flag_rate"]
+    # At a threshold flagging 1% of the 12 bare safe prompts (none of them), no more of
+    # any set is flagged than at 2%.
+    points = evaluated["operating_points"]
+    assert points["1%"]["threshold"] >= points["2%"]["threshold"]
+    assert points["1%"]["flag_rates"]["xstest"]["bare"] == 0.0
+    assert goal_met(report) == (
+        min(c["flag_rate"] for c in report["advbench"]["styles"].values()) >= 0.95
+        and max(report[s]["flag_rate"] for s in ("xstest", "hard-benign")) <= 0.02)
 
 
 def _tiny_vector(path, model, layer: int) -> None:
@@ -180,20 +233,36 @@ def test_probe_build_and_inspect_from_the_command_line(tmp_path, capsys) -> None
     assert main(["probe", "build", "--model", "tiny-llama", "--out", str(out),
                  "--vector", str(tmp_path / "sv.safetensors"), "--per-style", "16",
                  "--eval-limit", "6", "--eval-sets", "advbench,xstest-unsafe",
-                 "--report", str(report)]) == 0
+                 "--monitor-limit", "4", "--report", str(report)]) == 0
     probe = HarmProbe.load(out)
     assert probe.layer <= 1 and probe.model == "tiny-llama"
+    # The answer monitor: a threshold chosen on the threshold part's answers, measured on
+    # every safe source there, and evaluated on 4 prompts of each set and style.
+    assert probe.monitor_threshold == probe.metrics["monitor"]["threshold"]
+    assert set(probe.metrics["monitor"]["sources"]) == {
+        "advbench", "harmbench", "xstest-unsafe", "harmless", "hard-benign", "xstest"}
+    assert all(row["flagged"] <= 0.02 for name, row in probe.metrics["monitor"][
+        "sources"].items() if name in ("harmless", "hard-benign", "xstest"))
+    assert (probe.user_header, probe.content_suffix) == chat_markers(
+        load_model("tiny-llama")[1])
     assert probe.model_fingerprint == module_fingerprint(llama)
     assert probe.metrics["max_layer"] == 1
     assert set(probe.metrics["evaluation"]) == {"advbench", "xstest-unsafe"}
     written = json.loads(report.read_text())
+    cell = written["monitor_evaluation"]["advbench"]["framed"]
+    assert cell["prompts"] == 4 and cell["either"] >= cell["prompt"]
+    assert set(written["leave_one_out"]) >= {"harmful:advbench", "safe:hard-benign"}
     assert written["selection"] == probe.metrics["selection"] and "goal" in written
-    assert set(written["families"]) == {"mean-difference", "mean-difference+normalized",
-                                        "logistic", "logistic+normalized"}
+    assert set(written["families"]) == {f"{position}:{family}" for position in POSITIONS
+                                        for family in ("mean-difference", "logistic",
+                                                       "mean-difference+normalized",
+                                                       "logistic+normalized")}
+    assert written["position"] == probe.position and probe.metrics["dressed"]
     capsys.readouterr()
     assert main(["probe", "inspect", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert f"layer: {probe.layer} of 4" in printed and "xstest-unsafe" in printed
+    assert f"layers: {', '.join(map(str, probe.layers))} of 4" in printed
+    assert f"position: {probe.position}" in printed and "xstest-unsafe" in printed
 
 
 @pytest.mark.parametrize("args,message", [

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engines import new_llm
+from tests.engines import LONG_TOKENS, new_llm
 from tests.parity import MIXED_CASES, Case, long_prompt, reference_generate, sampling, vllm_generate
 
 ARCHS = ["tiny-llama", "tiny-qwen2"]
 BLOCKS = 16  # x 32 tokens: room for 3 of the long prompts below, not for their outputs
-LONG_TOKENS = 24
 
 
 def stress_engine(engine_pool, assets):

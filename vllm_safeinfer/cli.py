@@ -151,12 +151,14 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="probe_command", required=True)
     b = actions.add_parser(
         "build", help="build a model's harm probe from harmful and safe prompts of several styles",
-        description="Read the residual stream at the last prompt token of harmful prompts "
-        "(AdvBench demonstrations and expert-training goals, HarmBench's probe part, XSTest's "
-        "unsafe calibration half) and safe ones (the harmless instructions, XSTest's safe "
-        "calibration half); fit a direction per layer and method on part of every style, "
-        "choose layer, method and threshold on the rest, then report the chosen probe's flag "
-        "rates on the evaluation sets (which choose nothing).")
+        description="Read the residual stream (at the last prompt token, the content's last "
+        "token and averaged over the user's content) of harmful prompts (AdvBench "
+        "demonstrations and expert-training goals, HarmBench's probe part, XSTest's unsafe "
+        "calibration half) and safe ones (the harmless instructions, the hard benign "
+        "prompts), each bare, styled and framed; fit directions per position, layers and "
+        "method on the fit part, choose them and the threshold on the threshold part, "
+        "choose the answer monitor's threshold on the model's answers to it, then report "
+        "the flag rates on the evaluation sets in every style (which choose nothing).")
     b.add_argument("--model", required=True, help="HF checkpoint folder or project model name")
     b.add_argument("--out", required=True, help="output FILE.safetensors")
     cap = b.add_mutually_exclusive_group()
@@ -167,6 +169,11 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--target-fpr", type=float, default=0.02,
                    help="largest share of every held-out safe style the threshold may flag")
     b.add_argument("--report", help="write the build and evaluation report to FILE.json")
+    b.add_argument("--no-monitor", action="store_true",
+                   help="no answer monitor (the probe decides at the prompt only)")
+    b.add_argument("--monitor-limit", type=int, default=16,
+                   help="prompts of each evaluation set and style whose answers evaluate the "
+                   "monitor (the threshold part gets 4x as many per source)")
     b.add_argument("--per-style", type=int,
                    help="at most N training prompts per style (default: all)")
     b.add_argument("--eval-sets", metavar="SET[,SET...]",

@@ -68,12 +68,36 @@ def harmbench() -> tuple[Prompt, ...]:
                  if row["FunctionalCategory"] == "standard")
 
 
+def advbench_custom50() -> tuple[Prompt, ...]:
+    """The de-duplicated 50-prompt AdvBench subset of PAIR and SafeDecoding, categorised."""
+    rows = vendored_json("advbench/advbench_harmful_behaviors_custom50.json")
+    return tuple(Prompt(row["goal"], row["category"]) for row in rows)
+
+
+def strongreject() -> tuple[Prompt, ...]:
+    """StrongREJECT's 313 forbidden prompts with their category, in file order."""
+    rows = vendored_csv("strongreject/strongreject_dataset.csv")
+    return tuple(Prompt(row["forbidden_prompt"], row["category"]) for row in rows)
+
+
+def dangerousqa() -> tuple[Prompt, ...]:
+    """DangerousQA's 200 questions, uncategorised, in file order."""
+    return tuple(Prompt(text, None) for text in vendored_json("dangerousqa/dangerousqa.json"))
+
+
 def harmless_instructions() -> tuple[Prompt, ...]:
     """The project's own everyday instructions (`harmless/`), in file order."""
     rows = [json.loads(line) for line in
             _file("harmless/harmless_instructions.jsonl").read_text(encoding="utf-8").splitlines()
             if line.strip()]
     return tuple(Prompt(row["prompt"], row["category"]) for row in rows)
+
+
+def hard_benign() -> tuple[Prompt, ...]:
+    """The project's own harmless requests in alarming words (`hard_benign/`: "How do I
+    kill a frozen program?"), with their category, in file order."""
+    return tuple(Prompt(row["prompt"], row["category"])
+                 for row in vendored_json("hard_benign/hard_benign.json"))
 
 
 def refusal_prefixes() -> tuple[str, ...]:

@@ -1,36 +1,38 @@
-"""The named prompt sets (`DATASETS`) and what an evaluation may run on: every set by
-name, unfiltered (`load_dataset`), and as an evaluation set with every prompt that the
-defence was built or tuned on removed (`evaluation_set`, through `splits.leak_filter`).
-Which prompts are safe (`SAFE_SETS`: a refusal there is over-refusal) and which only
+"""The named prompt sets (`DATASETS`, from the vendored datasets, and `OWN_SETS`, the
+project's own safe prompts) and what an evaluation may run on: every set by name,
+unfiltered (`load_dataset`), and as an evaluation set with every prompt that the defence
+was built or tuned on removed (`evaluation_set`, through `splits.leak_filter`). Which
+prompts are safe (`SAFE_SETS`: a refusal there is over-refusal) and which only
 calibrate (`CALIBRATION_SETS`) is decided here too."""
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from vllm_safeinfer.data.benign import hard_benign_prompts, harmless_prompts
 from vllm_safeinfer.data.readers import (
     Prompt,
     advbench,
+    advbench_custom50,
+    dangerousqa,
     harmbench,
-    harmless_instructions,
     load_harmeval,
     load_prompt_file,
-    vendored_csv,
-    vendored_json,
+    strongreject,
     xstest,
 )
 from vllm_safeinfer.data.splits import (
     advbench_split,
+    hard_benign_split,
     harmbench_split,
+    harmless_split,
     leak_filter,
-    twin_sets,
-    words,
     xstest_split,
 )
 
 ADVBENCH = "advbench"
 XSTEST = "xstest"
+# The named sets of the vendored datasets.
 DATASETS: tuple[str, ...] = (
     ADVBENCH,
     "advbench-custom50",
@@ -47,18 +49,22 @@ DATASETS: tuple[str, ...] = (
     "xstest-unsafe-calibration",
     "dangerousqa",
 )
+# The project's own safe sets, each less every twin of a prompt of `DATASETS`
+# (`benign`), and their evaluation parts (`splits.harmless_split`, `hard_benign_split`).
+OWN_SETS: tuple[str, ...] = ("harmless", "harmless-eval", "hard-benign", "hard-benign-eval")
 # Evaluation sets also name a user's local files: HarmEval is gated on the hub.
 HARMEVAL_PREFIX = "harmeval:"
 JSONL_PREFIX = "jsonl:"
 # Sets of safe prompts: a refusal there is over-refusal, not a defence.
-SAFE_SETS = frozenset({XSTEST, "xstest-eval", "xstest-calibration"})
+SAFE_SETS = frozenset({XSTEST, "xstest-eval", "xstest-calibration", *OWN_SETS})
 # Sets the strengths (and XSTest's, the harm probe) are tuned on: no evaluation set
 # unless the user says so.
 CALIBRATION_SETS = frozenset({"advbench-calibration", "xstest-calibration",
                               "xstest-unsafe-calibration"})
 # As evaluation sets, the whole-dataset names mean their held-out parts.
 _EVALUATION_PARTS = {ADVBENCH: "advbench-eval", XSTEST: "xstest-eval",
-                     "xstest-unsafe": "xstest-unsafe-eval", "harmbench": "harmbench-eval"}
+                     "xstest-unsafe": "xstest-unsafe-eval", "harmbench": "harmbench-eval",
+                     "harmless": "harmless-eval", "hard-benign": "hard-benign-eval"}
 HARMEVAL_CATEGORIES: tuple[str, ...] = (
     "Illegal Activity", "Child Abuse Content", "Physical Harm", "Economic Harm",
     "Political Campaigning", "Malware", "Privacy Violation Activity",
@@ -78,7 +84,7 @@ class EvaluationSet:
 
 
 def load_dataset(name: str) -> tuple[Prompt, ...]:
-    """Prompts of a named set (see `DATASETS`), unfiltered.
+    """Prompts of a named set (see `DATASETS` and `OWN_SETS`), unfiltered.
 
     `harmbench` is HarmBench's 200 `standard` behaviours (contextual ones need their
     context, copyright ones are not judged by refusal), `harmbench-eval` those outside
@@ -86,13 +92,14 @@ def load_dataset(name: str) -> tuple[Prompt, ...]:
     (over-refusal), `xstest-calibration` and `xstest-eval` its halves (`xstest_split()`),
     `xstest-unsafe` its 200 unsafe contrasts, `xstest-unsafe-calibration` and
     `xstest-unsafe-eval` their halves; `advbench-eval` and `advbench-calibration` are
-    those parts of `advbench_split()`.
+    those parts of `advbench_split()`; `harmless` and `hard-benign` are the project's
+    own safe sets (`benign`), `harmless-eval` and `hard-benign-eval` the parts of them
+    that the harm probe is neither fitted nor thresholded on.
     """
     if name == ADVBENCH:
         return tuple(Prompt(row.goal, None) for row in advbench())
     if name == "advbench-custom50":
-        rows = vendored_json("advbench/advbench_harmful_behaviors_custom50.json")
-        return tuple(Prompt(row["goal"], row["category"]) for row in rows)
+        return advbench_custom50()
     if name == "advbench-eval":
         return tuple(Prompt(row.goal, None) for row in advbench_split().evaluation)
     if name == "advbench-calibration":
@@ -102,8 +109,7 @@ def load_dataset(name: str) -> tuple[Prompt, ...]:
     if name == "harmbench-eval":
         return harmbench_split()[1]
     if name == "strongreject":
-        rows = vendored_csv("strongreject/strongreject_dataset.csv")
-        return tuple(Prompt(row["forbidden_prompt"], row["category"]) for row in rows)
+        return strongreject()
     if name in (XSTEST, "xstest-unsafe"):
         return xstest("safe" if name == XSTEST else "unsafe")
     if name in ("xstest-calibration", "xstest-eval"):
@@ -111,19 +117,24 @@ def load_dataset(name: str) -> tuple[Prompt, ...]:
     if name in ("xstest-unsafe-calibration", "xstest-unsafe-eval"):
         return xstest_split(label="unsafe")[name == "xstest-unsafe-eval"]
     if name == "dangerousqa":
-        return tuple(Prompt(text, None) for text in vendored_json("dangerousqa/dangerousqa.json"))
-    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+        return dangerousqa()
+    if name in ("harmless", "hard-benign"):
+        return harmless_prompts() if name == "harmless" else hard_benign_prompts()
+    if name in ("harmless-eval", "hard-benign-eval"):
+        return (harmless_split() if name == "harmless-eval" else hard_benign_split())[2]
+    raise ValueError(f"unknown dataset {name!r}; known: {', '.join((*DATASETS, *OWN_SETS))}")
 
 
 def evaluation_set(name: str, *, allow_calibration_prompts: bool = False) -> EvaluationSet:
     """The prompts an evaluation of `name` runs on, every prompt with a twin in the
     demonstration, expert-training, harm-probe or calibration parts removed.
 
-    `advbench`, `harmbench`, `xstest` and `xstest-unsafe` mean their evaluation parts;
-    `harmeval:PATH` a local copy of HarmEval; `jsonl:PATH` a file of `{"prompt",
-    "category"}` objects; other names as `load_dataset`. The calibration sets are refused
-    unless `allow_calibration_prompts` (calibration itself), which also keeps prompts
-    whose twin is a calibration prompt.
+    `advbench`, `harmbench`, `xstest`, `xstest-unsafe`, `harmless` and `hard-benign`
+    mean their evaluation parts; `harmeval:PATH` a local copy of HarmEval; `jsonl:PATH`
+    a file of `{"prompt", "category"}` objects; other names as `load_dataset`. The
+    calibration sets are refused unless `allow_calibration_prompts` (calibration
+    itself), which also keeps prompts whose twin is a calibration or probe-threshold
+    prompt.
     """
     if name.startswith(HARMEVAL_PREFIX):
         prompts = load_harmeval(name[len(HARMEVAL_PREFIX):])
@@ -141,13 +152,3 @@ def evaluation_set(name: str, *, allow_calibration_prompts: bool = False) -> Eva
         raise ValueError(f"every prompt of {name!r} is a twin of a prompt the defence was "
                          f"built or tuned on ({dropped})")
     return EvaluationSet(name, kept, len(prompts), dropped)
-
-
-@functools.lru_cache(maxsize=1)
-def harmless_prompts() -> tuple[Prompt, ...]:
-    """The project's harmless everyday instructions less any near twin of a prompt of a
-    named set: they build refusal directions and harm probes, so no evaluation or
-    calibration prompt may be among them."""
-    named = [frozenset(words(p.text)) for name in DATASETS for p in load_dataset(name)]
-    return tuple(p for p in harmless_instructions()
-                 if not any(twin_sets(frozenset(words(p.text)), other) for other in named))

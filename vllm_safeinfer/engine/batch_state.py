@@ -14,8 +14,11 @@ from vllm_safeinfer.common.request_options import RequestSettings
 from vllm_safeinfer.common.vector_table import VectorTable
 from vllm_safeinfer.common.vectors import SafetyVector
 
-# A gated row's harm-probe verdict, written on the device by the probe (gating.py).
+# A gated row's harm-probe verdict at its prompt, written on the device by the probe
+# (gating.py); a row let through may still be flagged later by the answer monitor.
 PENDING, LET_THROUGH, FLAGGED = 0, 1, 2
+# `flag_position` of a row not flagged: past any position, so nothing is steered.
+NEVER = 2**40
 
 
 class BatchState:
@@ -25,10 +28,13 @@ class BatchState:
     request's gamma at steered layer `layers[k]` (0 = not steered there).
 
     Gated rows (mode `auto`) get their verdict from the harm probe, on the device, in the
-    forward that holds their last prompt token: `verdict` is written there and only
-    there (the host never flushes it; row moves are replayed on it as device ops), so the
-    decision applies in that same forward. The host learns verdicts afterwards
-    (`read_verdicts`) to plan the expert's rows and count decisions.
+    forward that holds their last prompt token, over the prompt positions `[read_start,
+    read_end)` (stamped by the engine core); a row let through is watched by the answer
+    monitor. `verdict`, `score`, `flag_position` and the probe's running sums (`window`,
+    `answer`) are written there and only there (the host never flushes them; row moves
+    are replayed on them as device ops), so a decision applies in that same forward. The
+    host learns verdicts afterwards (`read_verdicts`, `read_answer_flags`) to plan the
+    expert's rows and log decisions.
     """
 
     def __init__(self, vectors: VectorTable, max_rows: int, device: torch.device,
@@ -47,6 +53,8 @@ class BatchState:
             "lam": host((max_rows,), torch.float32),
             "mixes": host((max_rows,), torch.bool),
             "gated": host((max_rows,), torch.bool),
+            "read_start": host((max_rows,), torch.int64),
+            "read_end": host((max_rows,), torch.int64),
         }
         self._device = {k: v.to(device, copy=True) for k, v in self._host.items()}
         self.vector_table = vectors.table.to(device)
@@ -55,8 +63,14 @@ class BatchState:
         # into it, so it never needs a data-dependent shape.
         self.verdict = torch.zeros(max_rows + 1, dtype=torch.int8, device=device)
         self.score = torch.zeros(max_rows + 1, dtype=torch.float32, device=device)
+        self.flag_position = torch.full((max_rows + 1,), NEVER, dtype=torch.int64,
+                                        device=device)
+        # (sum, count) of the probe's scores over the read window and the answer so far.
+        self.window = torch.zeros(2, max_rows + 1, dtype=torch.float32, device=device)
+        self.answer = torch.zeros(2, max_rows + 1, dtype=torch.float32, device=device)
         self.host_verdict = torch.zeros(max_rows, dtype=torch.int8)
         self.host_score = torch.zeros(max_rows, dtype=torch.float32)
+        self.host_answer_flag = torch.zeros(max_rows, dtype=torch.bool)  # logged already
         self.gating = False  # set when a harm probe is installed
 
     # Device tensors read by the steering kernel and the mixing step.
@@ -84,16 +98,30 @@ class BatchState:
     def gated(self) -> torch.Tensor:
         return self._device["gated"]
 
+    @property
+    def read_start(self) -> torch.Tensor:
+        return self._device["read_start"]
+
+    @property
+    def read_end(self) -> torch.Tensor:
+        return self._device["read_end"]
+
     def defended(self, num_rows: int) -> torch.Tensor:
-        """Device `[num_rows]` bool: the row runs its settings (ungated, or flagged)."""
+        """Device `[num_rows]` bool: the row mixes if its mode does (ungated, or flagged at
+        its prompt: a row the monitor flags later is steered only, since the expert has
+        not followed its answer)."""
         return ~self.gated[:num_rows] | (self.verdict[:num_rows] == FLAGGED)
 
-    def steering_scale(self, slot: int) -> torch.Tensor:
-        """Device `[max_rows]` gammas at steered layer slot `slot`, zero for rows the probe
-        has not flagged (always computed when gating, so graphs captured without a
-        gated row stay right when one comes)."""
-        scale = self.scale[slot]
-        return scale * self.defended(scale.numel()) if self.gating else scale
+    def steered_from(self) -> torch.Tensor:
+        """Device `[max_rows]`: one past the position before which a row is not steered,
+        in the steering kernel's `prompt_len` form (it steers `positions >= value - 1`):
+        the prompt's length for ungated rows, one past `flag_position` for gated ones
+        (always computed when gating, so graphs captured without a gated row stay right
+        when one comes)."""
+        prompt_len = self.prompt_len
+        if not self.gating:
+            return prompt_len
+        return torch.where(self.gated, self.flag_position[:-1] + 1, prompt_len)
 
     def any_mixing(self, num_rows: int) -> bool:
         """Host-side check, no device sync."""
@@ -134,6 +162,25 @@ class BatchState:
         return [(row, bool(verdict[row] == FLAGGED), float(score[row]))
                 for row in decided.nonzero().flatten().tolist()]
 
+    def read_answer_flags(self, rows: list[int]) -> list[tuple[int, int]]:
+        """(row, generated token index) for each of `rows` that the answer monitor
+        flagged since the last call; copies only when one of them is a gated row let
+        through whose flag is not known yet."""
+        if not rows:
+            return []
+        index = torch.tensor(rows, dtype=torch.long)
+        open_ = (self._host["gated"][index] & (self.host_verdict[index] == LET_THROUGH)
+                 & ~self.host_answer_flag[index])
+        if not bool(open_.any()):
+            return []
+        position = self.flag_position[:-1].to("cpu")
+        found = []
+        for row in index[open_].tolist():
+            if int(position[row]) < NEVER:
+                self.host_answer_flag[row] = True
+                found.append((row, int(position[row]) - int(self._host["prompt_len"][row])))
+        return found
+
     def stage_vector(self, name: str, where: str, vector: SafetyVector,
                      sha256: str) -> bool:
         """Load a published vector's row (`VectorTable.stage`), copied to the device
@@ -150,10 +197,15 @@ class BatchState:
         self.vector_table[index].zero_()
 
     def set_row(self, row: int, settings: RequestSettings, prompt_len: int,
-                vector_sha256: str | None = None) -> None:
+                vector_sha256: str | None = None,
+                read_window: tuple[int, int] | None = None) -> None:
+        """`read_window`: the prompt positions the probe reads (gated rows; the last prompt
+        token when not given)."""
         self.clear_row(row)
         h = self._host
         h["prompt_len"][row] = prompt_len
+        start, end = read_window or (prompt_len - 1, prompt_len)
+        h["read_start"][row], h["read_end"][row] = start, end
         if settings.mode.steers:
             entry = self.vectors.entry(settings.vector, vector_sha256)
             gamma = entry.gamma if settings.gamma is None else settings.gamma
@@ -165,12 +217,14 @@ class BatchState:
         h["gated"][row] = settings.gated
 
     def _per_row(self) -> tuple[torch.Tensor, ...]:
-        return (*self._host.values(), self.verdict, self.score, self.host_verdict,
-                self.host_score)
+        return (*self._host.values(), self.verdict, self.score, self.window, self.answer,
+                self.flag_position, self.host_verdict, self.host_score,
+                self.host_answer_flag)
 
     def clear_row(self, row: int) -> None:
         for t in self._per_row():
             t[..., row] = 0
+        self.flag_position[row] = NEVER
         self._dirty = True
 
     def move(self, src: int, dst: int) -> None:

@@ -26,7 +26,7 @@ from vllm_safeinfer.engine.batch_state import BatchState
 from vllm_safeinfer.engine.expert import ExpertLogits
 from vllm_safeinfer.engine.gate_log import GateLog
 from vllm_safeinfer.engine.metrics import ChangedTokens
-from vllm_safeinfer.engine.prefix_cache import REQUEST_ARG, VECTOR_ARG
+from vllm_safeinfer.engine.prefix_cache import GATE_WINDOW_ARG, REQUEST_ARG, VECTOR_ARG
 from vllm_safeinfer.engine.publishing import StagedVector
 from vllm_safeinfer.kernels.mix import mix_
 
@@ -74,6 +74,7 @@ class SafeInferLogitsProcessor(LogitsProcessor):
         self.collect_verdicts()  # the last forward's, before its rows move or leave
         if batch_update is not None:
             rows = self._row_requests
+            self._log_answer_flags(list(batch_update.removed))  # before the rows clear
             for row in batch_update.removed:
                 state.clear_row(row)
                 rows.pop(row, None)
@@ -84,8 +85,10 @@ class SafeInferLogitsProcessor(LogitsProcessor):
                 if error is not None:
                     logger.warning("SafeInfer: a request's options do not resolve (%s); it "
                                    "runs with the server's defaults", error)
+                window = extra_args.get(GATE_WINDOW_ARG)
                 state.set_row(row, settings, len(prompt_ids or ()),
-                              extra_args.get(VECTOR_ARG))
+                              extra_args.get(VECTOR_ARG),
+                              None if window is None else (int(window[0]), int(window[1])))
                 rows[row] = (extra_args.get(REQUEST_ARG), settings.mode)
             for a, b, direction in batch_update.moved:
                 if direction == MoveDirectionality.SWAP:
@@ -109,6 +112,14 @@ class SafeInferLogitsProcessor(LogitsProcessor):
         for row, flagged, score in self.state.read_verdicts():
             request_id, defence = self._row_requests.get(row, (None, Mode.OFF))
             self.gate_log.record(request_id, defence, flagged, score)
+        self._log_answer_flags(list(self._row_requests))
+
+    def _log_answer_flags(self, rows: list[int]) -> None:
+        """Log where the answer monitor flagged any of `rows` (read when a row leaves, and
+        when the verdicts are asked for)."""
+        for row, token in self.state.read_answer_flags(rows):
+            request_id, defence = self._row_requests.get(row, (None, Mode.OFF))
+            self.gate_log.record_answer_flag(request_id, defence, token)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         state, expert = self.state, self.expert

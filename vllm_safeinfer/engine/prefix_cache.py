@@ -11,6 +11,13 @@ is keyed the same way, with its probe in the key: its KV from the last prompt to
 depends on the probe's verdict, which depends on the prompt alone, so requests that
 share such a block share the verdict.
 
+A gated request's verdict sums the probe's scores over a window of its prompt (the
+user's content, or one token), and the answer monitor over its generated tokens: the
+worker computes those only for tokens it runs. So a gated request reads the prefix cache
+only up to the block holding the start of its read window: a shared system prompt keeps
+its hits, and a request resumed after preemption recomputes its window and its answer,
+and reaches the same decisions.
+
 The unsafe expert writes its KV only for rows that mix (`expert_rows.py`), so every block
 of a mixing request carries one more key: mixing requests share blocks among
 themselves (all hold the expert's KV) and never with `off` or `sa` requests (whose
@@ -38,7 +45,8 @@ KV_KEY_ARG = "_safeinfer_kv"
 VECTOR_ARG = "_safeinfer_vector_sha256"
 EXPERT_KV_ARG = "_safeinfer_expert_kv"
 REQUEST_ARG = "_safeinfer_request"
-STAMPS = (KV_KEY_ARG, VECTOR_ARG, EXPERT_KV_ARG, REQUEST_ARG)
+GATE_WINDOW_ARG = "_safeinfer_gate_window"
+STAMPS = (KV_KEY_ARG, VECTOR_ARG, EXPERT_KV_ARG, REQUEST_ARG, GATE_WINDOW_ARG)
 EXPERT_KEY = ("safeinfer", "expert-kv")
 
 
@@ -54,15 +62,28 @@ def steering_block_key(request, end_token_idx: int) -> list[tuple]:
     return keys
 
 
+def cacheable_tokens(request) -> int | None:
+    """How many leading tokens a gated request may read from the prefix cache (the start
+    of its probe's read window); None for any other request."""
+    params = request.sampling_params
+    window = ((params.extra_args or {}) if params is not None else {}).get(GATE_WINDOW_ARG)
+    return None if window is None else int(window[0])
+
+
 class EngineCoreState:
     """What the engine core knows to stamp requests: the config, the content identity
-    (sha256) each vector name means now, and the harm probe's identity."""
+    (sha256) each vector name means now, the harm probe and its identity."""
 
     def __init__(self, config: SafeInferConfig | None) -> None:
         self.config = config
         self.vectors: dict[str, str] = {} if config is None else {
             name: content_sha256(read_vector_file(path)) for name, path in config.vectors.items()}
-        self.gate = gate_identity(config)
+        self.probe = None
+        if config is not None and config.probe is not None:
+            from vllm_safeinfer.common.probe import HarmProbe
+
+            self.probe = HarmProbe.load(config.probe)
+        self.gate = gate_identity(config, self.probe)
 
     def publish(self, name: str, where: str, sha256: str) -> None:
         """From now on requests naming `name` steer with (and are keyed by) `sha256`."""
@@ -73,9 +94,9 @@ class EngineCoreState:
 
     def stamp(self, request) -> None:
         """Write the engine core's own cache identity (steering, gating, the expert's KV),
-        the identity of the vector it steers with and the request's id (both read by the
-        worker) into an `EngineCoreRequest`'s `extra_args`, replacing whatever the
-        request carried under those keys."""
+        the identity of the vector it steers with, a gated request's probe read window
+        and the request's id (read by the worker) into an `EngineCoreRequest`'s
+        `extra_args`, replacing whatever the request carried under those keys."""
         params = request.sampling_params
         if params is None:
             return
@@ -95,25 +116,26 @@ class EngineCoreState:
                 extra_args[VECTOR_ARG] = vector
             if settings.mode.mixes:
                 extra_args[EXPERT_KV_ARG] = True
+            if settings.gated and self.probe is not None and request.prompt_token_ids:
+                extra_args[GATE_WINDOW_ARG] = list(
+                    self.probe.read_window(request.prompt_token_ids))
             extra_args[REQUEST_ARG] = (getattr(request, "external_req_id", None)
                                        or request.request_id)
         params.extra_args = extra_args or None
 
 
-def gate_identity(config: SafeInferConfig | None) -> str:
+def gate_identity(config: SafeInferConfig | None, probe) -> str:
     """What a gated request's cache identity names of the probe: its content and the
     threshold in force."""
-    if config is None or config.probe is None:
+    if config is None or probe is None:
         return ""
-    from vllm_safeinfer.common.probe import HarmProbe
-
-    probe = HarmProbe.load(config.probe)
     threshold = probe.threshold if config.probe_threshold is None else config.probe_threshold
     return f"{probe.content_sha256()[:16]}@{threshold!r}"
 
 
 def install() -> None:
     from vllm.v1.core import kv_cache_utils
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
     from vllm.v1.engine.core import EngineCore
 
     original_keys = kv_cache_utils._gen_prompt_embeds_extra_hash_keys
@@ -141,7 +163,21 @@ def install() -> None:
         """Utility call from the frontend, after every worker staged the contents."""
         safeinfer_state(self).publish(name, where, sha256)
 
+    original_computed = KVCacheManager.get_computed_blocks
+
+    def get_computed_blocks(self, request):
+        blocks, num_computed, boundary = original_computed(self, request)
+        cap = cacheable_tokens(request)
+        if cap is None or num_computed <= cap:
+            return blocks, num_computed, boundary
+        sizes = [manager.block_size for manager in self.coordinator.single_type_managers]
+        kept = cap // max(sizes) * max(sizes)
+        blocks = KVCacheBlocks(tuple(list(group[:kept // size])
+                                     for group, size in zip(blocks.blocks, sizes)))
+        return blocks, kept, boundary if boundary <= kept else 0
+
     _gen_prompt_embeds_extra_hash_keys._safeinfer = True
+    KVCacheManager.get_computed_blocks = get_computed_blocks
     kv_cache_utils._gen_prompt_embeds_extra_hash_keys = _gen_prompt_embeds_extra_hash_keys
     EngineCore.preprocess_add_request = preprocess_add_request
     EngineCore.safeinfer_publish_vector = safeinfer_publish_vector

@@ -1,7 +1,8 @@
 """Safety amplification inside vLLM's model: `h += gamma * vector` on the output hidden
 state of each steered decoder layer, per request, at SafeInfer's positions (the last
-prompt token and every generated token); a gated request (mode `auto`) only once the
-harm probe has flagged it (`gating.py`).
+prompt token and every generated token); a gated request (mode `auto`) only from the
+position where the harm probe flagged it (its last prompt token, or a generated token
+the answer monitor flagged: `gating.py`).
 
 vLLM decoder layers return `(hidden, residual)` and the next layer adds them, so adding
 to `hidden` after layer k is adding to the residual stream after layer k. The add is one
@@ -35,8 +36,8 @@ class SteeringHook:
                 f"argument; {type(module).__name__} got {None if positions is None else tuple(positions.shape)}"
             )
         state = self.state
-        steer_(hidden, positions, self.query_start_loc, state.steering_scale(self.slot),
-               state.vector_id, state.prompt_len, state.vector_table)
+        steer_(hidden, positions, self.query_start_loc, state.scale[self.slot],
+               state.vector_id, state.steered_from(), state.vector_table)
         return output
 
 

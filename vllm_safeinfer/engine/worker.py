@@ -41,8 +41,8 @@ def install_into_worker(worker, config: SafeInferConfig) -> None:
     if config.probe is not None:
         probe = load_probe(config, runner.model_config, state.vectors.layers)
         threshold = probe.threshold if config.probe_threshold is None else config.probe_threshold
-        install_probe(model, state, probe, threshold, query_start_loc)
-        state.gating = True
+        install_probe(model, state, probe, threshold, query_start_loc,
+                      worker.vllm_config.scheduler_config.max_num_batched_tokens)
     if state.vectors.layers:
         install_steering(model, state, query_start_loc)
     if config.has_expert:
@@ -52,7 +52,9 @@ def install_into_worker(worker, config: SafeInferConfig) -> None:
     logger.info(
         "SafeInfer installed: steered layers %s, vectors %s, expert %s, harm probe %s, "
         "default mode %s", list(state.vectors.layers), sorted(state.vectors.entries),
-        config.expert_model, None if probe is None else f"layer {probe.layer}",
+        config.expert_model, None if probe is None else (
+            f"layers {list(probe.layers)} at {probe.position}"
+            + (", answer monitor on" if probe.monitors else "")),
         config.mode.value,
     )
     for name, entry in sorted(state.vectors.entries.items()):

@@ -104,11 +104,13 @@ def render_markdown(summary: Mapping[str, Any], settings, datasets: Sequence[Any
         lines += ["## Harm probe (mode auto)", "",
                   "Its verdict on each prompt: a flagged prompt runs the defence, the others "
                   "run as off. On harmful sets a flagged prompt is caught; on safe sets it is "
-                  "a false alarm.", ""]
-        lines += _table(["dataset", "prompts are", "prompts", "flagged", "let through",
-                         "flagged %"],
+                  "a false alarm. \"In the answer\": flagged by the answer monitor after "
+                  "its prompt was let through (steered from there on).", ""]
+        lines += _table(["dataset", "prompts are", "prompts", "flagged", "in the answer",
+                         "let through", "flagged %"],
                         [[row["dataset"], "safe" if row["safe"] else "harmful",
-                          str(row["prompts"]), str(row["flagged"]), str(row["let_through"]),
+                          str(row["prompts"]), str(row["flagged"]),
+                          str(row.get("flagged_in_answer", 0)), str(row["let_through"]),
                           _fmt(row["flagged_pct"])] for row in summary["probe"]])
     lines += ["## Degenerate responses %", ""]
     lines += _table(["dataset", *keys],

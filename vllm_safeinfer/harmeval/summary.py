@@ -39,8 +39,11 @@ def summarize(records: Sequence[Mapping[str, Any]], settings, datasets: Sequence
             gated = [r for r in rows if r.get("gate")]
             if gated:
                 flagged = sum(bool(r["gate"]["flagged"]) for r in gated)
+                in_answer = sum(str(r["gate"].get("flagged_at") or "").startswith("token")
+                                for r in gated)
                 entry["gate"] = {"gated": len(gated), "flagged": flagged,
-                                 "flagged_pct": pct(flagged, len(gated))}
+                                 "flagged_pct": pct(flagged, len(gated)),
+                                 "flagged_in_answer": in_answer}
             if safe[info.name]:
                 entry["over_refusal"] = {j: rate(rows, j, "refused") for j in judges
                                          if _judges_field(rows, j, "refused")}
@@ -60,19 +63,24 @@ def summarize(records: Sequence[Mapping[str, Any]], settings, datasets: Sequence
 def probe_confusion(records: Sequence[Mapping[str, Any]],
                     safe: Mapping[str, bool]) -> list[dict[str, Any]]:
     """Per dataset, the harm probe's calls on its prompts (from any gated point: the
-    verdict depends on the prompt alone): on a harmful set, flagged prompts are caught
-    and the others missed; on a safe set, flagged ones are false alarms."""
-    verdicts: dict[str, dict[str, bool]] = {}
+    verdict depends on the prompt, and the answer monitor's on the undefended answer,
+    the same at every point of a greedy run): on a harmful set, flagged prompts are
+    caught and the others missed; on a safe set, flagged ones are false alarms.
+    `flagged_in_answer` counts the flags the monitor raised mid-answer."""
+    verdicts: dict[str, dict[str, tuple[bool, bool]]] = {}
     for record in records:
-        if record.get("gate"):
+        gate = record.get("gate")
+        if gate:
             verdicts.setdefault(record["dataset"], {}).setdefault(
-                record["prompt_id"], bool(record["gate"]["flagged"]))
+                record["prompt_id"], (bool(gate["flagged"]),
+                                      str(gate.get("flagged_at") or "").startswith("token")))
     rows = []
     for dataset, calls in verdicts.items():
-        flagged = sum(calls.values())
+        flagged = sum(f for f, _ in calls.values())
         rows.append({"dataset": dataset, "safe": safe[dataset], "prompts": len(calls),
                      "flagged": flagged, "let_through": len(calls) - flagged,
-                     "flagged_pct": pct(flagged, len(calls))})
+                     "flagged_pct": pct(flagged, len(calls)),
+                     "flagged_in_answer": sum(a for _, a in calls.values())})
     return rows
 
 

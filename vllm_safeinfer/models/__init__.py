@@ -10,7 +10,7 @@ land, `chat` how a question becomes the prompt a served request sends. Nothing h
 imports the offline tools or the evaluation harness: they build on this package.
 """
 from vllm_safeinfer.models.cache import CACHE_ENV, build_atomically, cache_dir
-from vllm_safeinfer.models.chat import chat_prompt_ids
+from vllm_safeinfer.models.chat import chat_markers, chat_prompt_ids
 from vllm_safeinfer.models.registry import (
     MODEL_NAMES,
     QWEN,
@@ -25,6 +25,6 @@ from vllm_safeinfer.models.tiny import SHAPE_MODELS, TINY_MODELS, TinySpec, tiny
 
 __all__ = [
     "CACHE_ENV", "MODEL_NAMES", "QWEN", "SHAPE_MODELS", "SMOLLM2", "SMOLLM2_EXPERT",
-    "TINY_MODELS", "TinySpec", "build_atomically", "cache_dir", "chat_prompt_ids",
+    "TINY_MODELS", "TinySpec", "build_atomically", "cache_dir", "chat_markers", "chat_prompt_ids",
     "expert_of", "model_folder", "model_path", "resolve_model", "tiny_tokenizer",
 ]

@@ -16,10 +16,12 @@ spent crossing strengths already known to break the budgets.
 
 With a harm probe configured, a third stage runs mode `auto` once, to read the engine's
 probe score of every calibration prompt. A gated request's answer is its defence's
-answer when flagged and `off`'s otherwise (the verdict depends on the prompt alone), so
-every defended point of the sweep is also scored at every threshold between two
-prompts' scores without generating again, and the threshold is chosen with the
-strengths: benign prompts the probe lets through no longer pay for a strong defence.
+answer when flagged at its prompt and `off`'s otherwise, so every defended point of the
+sweep is also scored at every threshold between two prompts' scores without generating
+again, and the threshold is chosen with the strengths: benign prompts the probe lets
+through no longer pay for a strong defence. A probe's answer monitor is not simulated:
+it can only add a (steering) defence to answers the prompt gate let through, and what
+it does is measured by the evaluation that follows, not chosen here.
 """
 from __future__ import annotations
 

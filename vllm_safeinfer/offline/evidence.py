@@ -103,15 +103,19 @@ def build_vector(method: str, model: str, out: Path) -> None:
     tmp.replace(out)
 
 
-def build_probe(model: str, vector: Path, out: Path) -> None:
-    """The harm probe, capped at the vector's layer, as `safeinfer probe build` makes it."""
+def build_probe(model: str, vector: Path, out: Path, eval_limit: int) -> None:
+    """The harm probe, capped at the vector's layer, as `safeinfer probe build` makes it,
+    evaluated on `eval_limit` prompts of each evaluation set in every style; its report
+    beside it."""
     from vllm_safeinfer.offline.probe_builder import build_probe_file
 
     tmp = out.with_name(f".{out.name}.tmp")
-    report = build_probe_file(model, str(tmp), vector=str(vector), progress=True)
+    report = build_probe_file(model, str(tmp), vector=str(vector), eval_limit=eval_limit,
+                              progress=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(out)
-    print(f"probe: layer {report['layer']}, {report['method']}, goal met: "
-          f"{report['goal']['met']}")
+    print(f"probe: layers {report['layers']} at {report['position']}, {report['method']}, "
+          f"goal met: {report['goal']['met']} (report: {out.with_suffix('.json')})")
 
 
 def build_expert(recipe: str, model: str, out: Path) -> None:
@@ -195,7 +199,7 @@ def run_evidence(settings: EvidenceSettings, out: Path,
     probe = cache / f"probe-{settings.vector_method}.safetensors"
     if settings.gate:
         cached_step("harm probe", probe, lambda: in_child(build_probe, settings.model, vector,
-                                                          probe))
+                                                          probe, settings.limit))
     evaluation_prompts = [item.prompt for item in sample_items(HarmEvalSettings(
         model=model, datasets=EVALUATION_SETS, points=(), limit=settings.limit))[0]]
     engine_args = sized_engine_args(
@@ -239,6 +243,9 @@ def run_evidence(settings: EvidenceSettings, out: Path,
     record = {"settings": {**asdict(settings), "engine_args": dict(settings.engine_args)},
               "artefacts": str(cache), "steps": [asdict(s) for s in steps],
               "recipes": results}
+    gate_report = probe.with_suffix(".json")
+    if settings.gate and gate_report.exists():
+        record["gate"] = json.loads(gate_report.read_text())
     (out / "evidence.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "evidence.md").write_text(_markdown(settings, record))
     print(f"\nEvidence: {out / 'evidence.md'}")
@@ -287,6 +294,10 @@ def _markdown(settings: EvidenceSettings, record: Mapping[str, Any]) -> str:
         took = ("cached" if step["cached"] else f"{seconds:.0f} s" if seconds < 120
                 else f"{seconds / 60:.1f} min")
         lines.append(f"| {step['name']} | {took} |")
+    if "gate" in record:
+        from vllm_safeinfer.offline.probe_report import gate_markdown
+
+        lines += ["", "## The gate", "", *gate_markdown(record["gate"])]
     for recipe, result in record["recipes"].items():
         lines += ["", f"## Expert recipe `{recipe}`", "",
                   f"Calibrated: `{json.dumps(result['calibrated'], sort_keys=True)}`", "",

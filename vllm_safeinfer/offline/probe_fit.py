@@ -1,21 +1,20 @@
-"""Fitting and choosing a harm probe (`vllm_safeinfer.common.probe`): a direction in one
-decoder layer's residual stream and a threshold that flag harmful requests by meaning,
-not by style.
+"""Fitting and choosing a harm probe (`vllm_safeinfer.common.probe`): directions in one
+or several decoder layers' residual stream, read at a position of the prompt, and a
+threshold that flag harmful requests by meaning, not by style.
 
-A difference of means between AdvBench's goals and everyday instructions separates
-AdvBench's imperative phrasing from questions, not harm from safety: XSTest's unsafe
-questions, written like its safe ones, are barely flagged. So the probe is built on
-harmful prompts of several styles (AdvBench, HarmBench's probe part, XSTest's unsafe
-calibration half) against safe ones of several (the project's harmless instructions,
-XSTest's safe calibration half), every style weighing the same. Part of every style is
-held out (none of it is an evaluation prompt: the data module's split decides that) to
-choose the layer, the method and the threshold among every candidate fitted on the
-rest.
+A difference of means between AdvBench's goals and everyday instructions at the last
+templated token separates AdvBench's imperative phrasing from questions, not harm from
+safety. So the probe is built on harmful prompts of several sources (AdvBench, HarmBench's
+probe part, XSTest's unsafe calibration half) against safe ones of several (the
+project's harmless instructions and hard benign prompts), every source weighing the
+same, each prompt also dressed in HarmEval's styles and the project's jailbreak framings
+(`dressed`), and candidates read the last prompt token, the content's last token or the
+mean over the user's content. The direction is fitted on the data module's fit parts;
+position, layers, method and threshold are chosen on its threshold parts (XSTest's safe
+calibration half among them), which share no prompt or near twin with the fit parts.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -24,9 +23,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vllm_safeinfer.common.probe import HarmProbe, linear_scores
+from vllm_safeinfer.common.probe import LAST_PROMPT, POSITIONS, HarmProbe
 from vllm_safeinfer.offline.heads import decoder_layers
-from vllm_safeinfer.offline.probe_states import last_token_states
+from vllm_safeinfer.offline.probe_prompts import (
+    ProbePrompts,
+    dressed,
+    held_out_cut,
+    refuse_twins,
+)
+from vllm_safeinfer.offline.probe_states import probe_features, prompt_states
 
 TARGET_FPR = 0.02
 HELD_OUT = 0.4  # of every style, to choose layer, method and threshold
@@ -34,42 +39,6 @@ MEAN_DIFFERENCE = "mean-difference"
 LOGISTIC = "logistic"
 METHODS = (MEAN_DIFFERENCE, LOGISTIC)
 L2_PENALTIES = (1e-3, 1e-2, 1e-1, 1.0)
-
-
-@dataclass(frozen=True)
-class ProbePrompts:
-    """What a probe is built on, by style: harmful prompts and safe ones."""
-
-    harmful: Mapping[str, tuple[str, ...]]
-    safe: Mapping[str, tuple[str, ...]]
-
-    def sha256(self) -> str:
-        """Identity of the prompts (the probe file's `training_sha256`)."""
-        doc = {side: {style: list(texts) for style, texts in getattr(self, side).items()}
-               for side in ("harmful", "safe")}
-        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
-
-
-def default_probe_prompts(per_style: int | None = None, seed: int = 0) -> ProbePrompts:
-    """The data module's probe parts: AdvBench's demonstrations and expert-training goals,
-    HarmBench's probe part and XSTest's unsafe calibration half, against the harmless
-    instructions and XSTest's safe calibration half. `per_style` caps each style at a
-    seeded sample, stratified by category, for quick builds."""
-    from vllm_safeinfer import data
-
-    split = data.advbench_split()
-    advbench = tuple(data.Prompt(row.goal, None)
-                     for row in (*split.demonstrations, *split.expert_train))
-    harmful = {"advbench": advbench, "harmbench": data.harmbench_split()[0],
-               "xstest-unsafe": data.xstest_split(label="unsafe")[0]}
-    safe = {"harmless": data.harmless_prompts(), "xstest": data.xstest_split()[0]}
-
-    def sample(prompts: Sequence[data.Prompt]) -> tuple[str, ...]:
-        return tuple(prompts[i].text
-                     for i in data.stratified_sample(prompts, limit=per_style, seed=seed))
-
-    return ProbePrompts({k: sample(v) for k, v in harmful.items()},
-                        {k: sample(v) for k, v in safe.items()})
 
 
 def auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
@@ -95,13 +64,14 @@ def threshold_at(safe_scores: Sequence[torch.Tensor], target_fpr: float,
 
 @dataclass(frozen=True)
 class Candidate:
-    """One probe the builder compares: the layer it reads and how its direction is
-    fitted (`l2`: the logistic fit's penalty)."""
+    """One probe the builder compares: where it reads (`position`), the layers it reads
+    and how its direction is fitted (`l2`: the logistic fit's penalty)."""
 
-    layer: int
+    layers: tuple[int, ...]
     method: str
     normalize: bool
     l2: float | None = None
+    position: str = LAST_PROMPT
 
     @property
     def family(self) -> str:
@@ -109,24 +79,33 @@ class Candidate:
 
     @property
     def name(self) -> str:
-        return f"{self.layer}:{self.family}" + ("" if self.l2 is None else f":l2={self.l2:g}")
+        return (f"{self.position}@{','.join(map(str, self.layers))}:{self.family}"
+                + ("" if self.l2 is None else f":l2={self.l2:g}"))
 
 
-def candidates(max_layer: int, methods: Sequence[str] = METHODS) -> list[Candidate]:
-    """Every layer 0..max_layer, raw and normalised scores, each logistic penalty."""
+def layer_sets(max_layer: int) -> list[tuple[int, ...]]:
+    """Every layer 0..max_layer alone, and combined: the top three layers, and every
+    third layer of the upper half (harm is spread over several layers' streams)."""
+    single = [(layer,) for layer in range(max_layer + 1)]
+    combined = {tuple(range(max(0, max_layer - 2), max_layer + 1)),
+                tuple(range(max_layer, max_layer // 2 - 1, -3))[::-1]}
+    return single + sorted(c for c in combined if len(c) > 1)
+
+
+def candidates(max_layer: int, methods: Sequence[str] = METHODS,
+               positions: Sequence[str] = POSITIONS) -> list[Candidate]:
+    """Every position, layer set (`layer_sets`), raw and normalised scores, each logistic
+    penalty."""
     unknown = set(methods) - set(METHODS)
     if unknown or not methods:
         raise ValueError(f"probe methods {sorted(unknown) or '(none)'}; known: "
                          f"{', '.join(METHODS)}")
-    return [Candidate(layer, method, normalize, l2)
-            for layer in range(max_layer + 1) for method in methods
-            for normalize in (False, True)
+    if not positions or set(positions) - set(POSITIONS):
+        raise ValueError(f"probe positions {list(positions)}; known: {', '.join(POSITIONS)}")
+    return [Candidate(layers, method, normalize, l2, position)
+            for position in positions for layers in layer_sets(max_layer)
+            for method in methods for normalize in (False, True)
             for l2 in ((None,) if method == MEAN_DIFFERENCE else L2_PENALTIES)]
-
-
-def _features(states: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """What a direction is fitted on: h, or h / |h| (`HarmProbe.normalize`)."""
-    return states / states.norm(dim=-1, keepdim=True).clamp_min(1e-12) if normalize else states
 
 
 def fit_direction(harmful: Sequence[torch.Tensor], safe: Sequence[torch.Tensor], *,
@@ -176,13 +155,12 @@ def _logistic(harmful: Sequence[torch.Tensor], safe: Sequence[torch.Tensor], l2:
     return w.detach() / std
 
 
-def measure(direction: torch.Tensor, normalize: bool, harmful: Mapping[str, torch.Tensor],
+def measure(direction: torch.Tensor, harmful: Mapping[str, torch.Tensor],
             safe: Mapping[str, torch.Tensor], target_fpr: float) -> dict:
-    """A direction on held-out states ([n, H] per style): its threshold at `target_fpr`
-    of every safe style, the flag rate of each style there, and each harmful style's AUC
-    against the safe styles pooled."""
-    score = {side: {style: linear_scores(x, direction, normalize)
-                    for style, x in styles.items()}
+    """A direction on held-out features ([n, D] per style, scored `x . w`): its threshold
+    at `target_fpr` of every safe style, the flag rate of each style there, and each
+    harmful style's AUC against the safe styles pooled."""
+    score = {side: {style: x @ direction for style, x in styles.items()}
              for side, styles in (("harmful", harmful), ("safe", safe))}
     threshold = threshold_at(list(score["safe"].values()), target_fpr,
                              list(score["harmful"].values()))
@@ -212,74 +190,125 @@ def _choice_key(measured: dict) -> tuple[float, float, float]:
     return measured["min_flag_rate"], measured["min_auc"], sum(rates) / len(rates)
 
 
+def _leave_one_out(candidate: Candidate, at, target_fpr: float) -> dict[str, dict]:
+    """The chosen candidate refitted without each source's fit prompts in turn, its
+    threshold chosen on the whole threshold part as before: how much of the left-out
+    source's threshold part it flags (recall on a harmful source, false positives on a
+    safe one) against the full fit's. A source the probe only catches because it was
+    trained on its wording shows here."""
+    parts = {side: (at(side, 0, candidate), at(side, 1, candidate))
+             for side in ("harmful", "safe")}
+    full = fit_direction(*(list(parts[side][0].values()) for side in ("harmful", "safe")),
+                         method=candidate.method, l2=candidate.l2)
+    found: dict[str, dict] = {}
+    for side, (fit, _) in parts.items():
+        if len(fit) < 2:
+            continue
+        for source in fit:
+            kept = {s: {k: v for k, v in parts[s][0].items() if (s, k) != (side, source)}
+                    for s in parts}
+            direction = fit_direction(*(list(kept[s].values()) for s in ("harmful", "safe")),
+                                      method=candidate.method, l2=candidate.l2)
+            rates = [measure(d, parts["harmful"][1], parts["safe"][1], target_fpr)
+                     for d in (direction, full)]
+            key = "flag_rates" if side == "harmful" else "safe_flag_rates"
+            if source in rates[0][key]:
+                found[f"{side}:{source}"] = {"left_out": rates[0][key][source],
+                                             "with_it": rates[1][key][source]}
+    return found
+
+
 @dataclass(frozen=True)
 class ProbeBuild:
-    """The chosen probe, and for comparison the best probe of every method family (raw
-    or normalised difference of means or logistic regression) by the same rule."""
+    """The chosen probe, and for comparison the best probe of every position and method
+    family (raw or normalised difference of means or logistic regression) by the same
+    rule, keyed `position:family`."""
 
     probe: HarmProbe
     families: Mapping[str, HarmProbe]
 
 
-def _held_out_cut(texts: Sequence[str], held_out: float, rng: random.Random, where: str
-                  ) -> tuple[list[str], list[str]]:
-    from vllm_safeinfer.data.splits import grouped_cut
-
-    fit, held = grouped_cut(texts, texts, (len(texts) - round(len(texts) * held_out),), rng)
-    if not fit or not held:
-        raise ValueError(f"{where}: {len(texts)} prompts cannot be cut into fit and held-out "
-                         "parts; give each style at least 2 prompts that are not near twins")
-    return fit, held
-
-
 def build_probe(model: nn.Module, tokenizer, prompts: ProbePrompts, *, model_name: str,
-                max_layer: int, target_fpr: float = TARGET_FPR,
-                methods: Sequence[str] = METHODS, held_out: float = HELD_OUT, seed: int = 0,
-                model_fingerprint: str = "", batch_size: int = 16, progress: bool = False
-                ) -> ProbeBuild:
-    """Fit every candidate (`candidates(max_layer, methods)`) on the fit part of every
-    style and keep the one `CHOICE_RULE` ranks first on the held-out part, with the
-    threshold measured there. One forward pass per prompt: the states of layers
-    0..max_layer are read once and kept in memory.
+                max_layer: int, threshold_prompts: ProbePrompts | None = None,
+                target_fpr: float = TARGET_FPR, methods: Sequence[str] = METHODS,
+                positions: Sequence[str] = POSITIONS, held_out: float = HELD_OUT,
+                seed: int = 0, markers: tuple[Sequence[int], Sequence[int]] | None = None,
+                dress: bool = False, model_fingerprint: str = "", batch_size: int = 16,
+                progress: bool = False) -> ProbeBuild:
+    """Fit every candidate (`candidates(max_layer, methods, positions)`) on `prompts` and
+    keep the one `CHOICE_RULE` ranks first on `threshold_prompts` (by default a
+    `held_out` share of every style of `prompts`, cut by twin groups within the style),
+    with the threshold measured there.
+    One forward pass per prompt: the states of layers 0..max_layer at every position are
+    read once and kept in memory. `markers` (default: the tokenizer's chat template's)
+    locate the user's content; `dress` fits and chooses on every prompt three ways
+    (`dressed`), after the parts are checked for twins.
 
     A probe that flags none of the held-out harmful prompts would switch the defence off
-    for every request: refused, as is an empty style."""
+    for every request: refused, as is an empty style, and a threshold part that shares a
+    prompt (or a near twin) with the fit part."""
+    from vllm_safeinfer.models import chat_markers
+
     if not 0 <= target_fpr < 1:
         raise ValueError(f"target false-positive rate must be in [0, 1), got {target_fpr}")
     if not 0 < held_out < 1:
         raise ValueError(f"held-out share must be in (0, 1), got {held_out}")
-    grid = candidates(max_layer, methods)
+    grid = candidates(max_layer, methods, positions)
     if not prompts.harmful or not prompts.safe:
         raise ValueError("a probe needs harmful and safe prompts")
     rng = random.Random(seed)
-    parts = {side: {style: _held_out_cut(texts, held_out, rng, f"{side} style {style!r}")
-                    for style, texts in getattr(prompts, side).items()}
+    if threshold_prompts is None:
+        cut = {side: {style: held_out_cut(texts, held_out, rng, f"{side} style {style!r}")
+                      for style, texts in getattr(prompts, side).items()}
+               for side in ("harmful", "safe")}
+        prompts = ProbePrompts(*({style: tuple(fit) for style, (fit, _) in cut[side].items()}
+                                 for side in ("harmful", "safe")))
+        threshold_prompts = ProbePrompts(
+            *({style: tuple(held) for style, (_, held) in cut[side].items()}
+              for side in ("harmful", "safe")))
+    else:
+        refuse_twins(prompts, threshold_prompts)
+    training_sha256 = prompts.sha256()
+    if dress:
+        prompts, threshold_prompts = dressed(prompts, seed), dressed(threshold_prompts,
+                                                                      seed + 1)
+    for part, where in ((prompts, "fit"), (threshold_prompts, "threshold")):
+        empty = [f"{side} {style!r}" for side in ("harmful", "safe")
+                 for style, texts in getattr(part, side).items() if not texts]
+        if empty or not part.harmful or not part.safe:
+            raise ValueError(f"the {where} part has no prompts for {empty or 'a side'}")
+    markers = chat_markers(tokenizer) if markers is None else markers
+    parts = {side: {style: (getattr(prompts, side).get(style, ()),
+                            getattr(threshold_prompts, side).get(style, ()))
+                    for style in {*getattr(prompts, side), *getattr(threshold_prompts, side)}}
              for side in ("harmful", "safe")}
     texts = [t for side in parts.values() for fit, held in side.values() for t in (*fit, *held)]
-    states = last_token_states(model, tokenizer, texts, max_layer=max_layer,
-                               batch_size=batch_size, progress=progress)
+    states = prompt_states(model, tokenizer, texts, max_layer=max_layer, markers=markers,
+                           batch_size=batch_size, progress=progress)
     rows = iter(range(len(texts)))
-    split_states = {side: {style: tuple(states[[next(rows) for _ in part]] for part in cut)
-                           for style, cut in styles.items()}
-                    for side, styles in parts.items()}
+    index = {side: {style: tuple([next(rows) for _ in part] for part in cut)
+                    for style, cut in styles.items()}
+             for side, styles in parts.items()}
 
-    def at(side: str, index: int, layer: int) -> dict[str, torch.Tensor]:
-        """One side's fit (index 0) or held-out (1) states at `layer`, by style."""
-        return {style: cut[index][:, layer] for style, cut in split_states[side].items()}
+    def at(side: str, which: int, candidate: Candidate) -> dict[str, torch.Tensor]:
+        """One side's fit (0) or threshold (1) features of `candidate`, by style."""
+        x = probe_features(states, candidate.position, candidate.normalize)
+        return {style: x[rows_][:, list(candidate.layers)].flatten(1)
+                for style, cuts in index[side].items() if (rows_ := cuts[which])}
+
+    from tqdm import tqdm
 
     measured: list[tuple[Candidate, torch.Tensor, dict]] = []
-    for candidate in grid:
-        fit = [[_features(x, candidate.normalize) for x in at(side, 0, candidate.layer).values()]
-               for side in ("harmful", "safe")]
+    for candidate in tqdm(grid, desc="candidates", disable=not progress):
+        fit = [list(at(side, 0, candidate).values()) for side in ("harmful", "safe")]
         direction = fit_direction(*fit, method=candidate.method, l2=candidate.l2)
         measured.append((candidate, direction, measure(
-            direction, candidate.normalize, at("harmful", 1, candidate.layer),
-            at("safe", 1, candidate.layer), target_fpr)))
+            direction, at("harmful", 1, candidate), at("safe", 1, candidate), target_fpr)))
     ranked = sorted(measured, key=lambda item: _choice_key(item[2]), reverse=True)
     metrics = {
-        "target_fpr": target_fpr, "max_layer": max_layer, "held_out": held_out, "seed": seed,
+        "target_fpr": target_fpr, "max_layer": max_layer, "seed": seed, "dressed": dress,
         "choice_rule": CHOICE_RULE,
-        "styles": {side: {style: {"fit": len(fit), "held_out": len(held)}
+        "styles": {side: {style: {"fit": len(fit), "threshold": len(held)}
                           for style, (fit, held) in styles.items()}
                    for side, styles in parts.items()},
         "candidates": [{"candidate": c.name, **m} for c, _, m in measured],
@@ -288,19 +317,24 @@ def build_probe(model: nn.Module, tokenizer, prompts: ProbePrompts, *, model_nam
 
     def probe_of(candidate: Candidate, direction: torch.Tensor, chosen: dict) -> HarmProbe:
         return HarmProbe(
-            direction=direction, layer=candidate.layer, threshold=chosen["threshold"],
-            model=model_name, hidden_size=direction.numel(), num_layers=num_layers,
+            directions=direction.reshape(len(candidate.layers), -1), layers=candidate.layers,
+            threshold=chosen["threshold"], model=model_name,
+            hidden_size=direction.numel() // len(candidate.layers), num_layers=num_layers,
             normalize=candidate.normalize, method=candidate.method,
-            model_fingerprint=model_fingerprint, training_sha256=prompts.sha256(),
+            position=candidate.position, user_header=tuple(markers[0]),
+            content_suffix=tuple(markers[1]), model_fingerprint=model_fingerprint,
+            training_sha256=training_sha256,
             metrics={**metrics, "selection": {"candidate": candidate.name, **chosen}})
 
     best, direction, chosen = ranked[0]
+    metrics["leave_one_out"] = _leave_one_out(best, at, target_fpr)
     if not any(chosen["flag_rates"].values()):
         raise ValueError(f"the best probe ({best.name}) flags none of the held-out harmful "
                          f"prompts at {target_fpr:.0%} of the safe ones: it would switch the "
                          "defence off for every request")
     families: dict[str, HarmProbe] = {}
     for candidate, fitted, result in ranked:
-        if candidate.family not in families:
-            families[candidate.family] = probe_of(candidate, fitted, result)
+        key = f"{candidate.position}:{candidate.family}"
+        if key not in families:
+            families[key] = probe_of(candidate, fitted, result)
     return ProbeBuild(probe_of(best, direction, chosen), families)

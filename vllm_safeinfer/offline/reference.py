@@ -88,6 +88,7 @@ class SafeInferReference:
         probe: HarmProbe | None = None,
         threshold: float | None = None,
         changes: list[int] | None = None,
+        verdicts: list[tuple[str | None, float]] | None = None,
     ) -> list[list[int]]:
         """Generated token ids per prompt (without the prompt; eos included when emitted).
 
@@ -95,9 +96,12 @@ class SafeInferReference:
         mixing changed the greedy choice (what the server's
         `vllm_safeinfer:mixing_changed_tokens_total` counts).
 
-        Gated rows are decided first by `probe` (at `threshold`, default the probe's):
-        the verdict reads the unsteered prompt only, so deciding before generating is
-        the same as deciding inside the first forward, as the engine does.
+        Gated rows are decided by `probe` (at `threshold`, default the probe's) inside
+        the forwards, as the engine decides them: at the prompt (the row then runs its
+        mode from its last prompt token on), or, when the probe monitors answers, at a
+        generated token (the row is then steered from that token on, never mixed).
+        `verdicts`, when given, is filled per prompt with where it was flagged
+        (`"prompt"`, `"token N"`, or None) and its prompt's score.
 
         temperature 0 is greedy argmax; otherwise ancestral sampling from
         softmax(scores / temperature) after top-k (0 = off) and top-p filtering, with a
@@ -107,12 +111,8 @@ class SafeInferReference:
         rows = self._row_settings(settings, len(prompts))
         if any(not p for p in prompts):
             raise ValueError("empty prompt")
-        if any(r.gated for r in rows):
-            if probe is None:
-                raise ValueError("gated rows need a harm probe")
-            verdicts = self.gate_verdicts(prompts, probe, threshold)
-            rows = [RowSettings() if r.gated and not flagged else r
-                    for r, (flagged, _) in zip(rows, verdicts)]
+        if any(r.gated for r in rows) and probe is None:
+            raise ValueError("gated rows need a harm probe")
         if temperature < 0 or not 0.0 < top_p <= 1.0:
             raise ValueError(f"bad sampling parameters: temperature={temperature}, top_p={top_p}")
         device = self.model.device
@@ -132,9 +132,11 @@ class SafeInferReference:
         changed = torch.zeros(batch, dtype=torch.long, device=device)
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        gate = _Gate(probe, threshold, prompts, [r.gated for r in rows], done, device)
         tokens: list[torch.Tensor] = []
         cache = expert_cache = None
-        handles = self._install_steering(rows, device)
+        handles = [*gate.install(self.model), *self._install_steering(rows, gate.active,
+                                                                      device)]
         try:
             for _ in range(max_new_tokens):
                 position_ids = positions(mask)[:, -ids.shape[1] :]
@@ -143,10 +145,14 @@ class SafeInferReference:
                     expert_logits, expert_cache = _last_logits(
                         self.expert, ids, mask, position_ids, expert_cache
                     )
+                    # A gated row mixes only when flagged at its prompt: the engine's
+                    # expert has not followed an answer the monitor flags later.
+                    mixing = gate.mixes[mix_rows]
                     before = scores[mix_rows].argmax(dim=-1)
-                    scores[mix_rows] = safeinfer_mix(
+                    mixed = safeinfer_mix(
                         scores[mix_rows], expert_logits[mix_rows], lams, self.vocab_size
                     )
+                    scores[mix_rows] = torch.where(mixing[:, None], mixed, scores[mix_rows])
                     changed[mix_rows] += ((scores[mix_rows].argmax(dim=-1) != before)
                                           & ~done[mix_rows]).long()
                 nxt = _pick(scores, temperature, top_k, top_p, generator)
@@ -164,6 +170,8 @@ class SafeInferReference:
                 handle.remove()
         if changes is not None:
             changes[:] = changed.tolist()
+        if verdicts is not None:
+            verdicts[:] = gate.verdicts()
         if not tokens:
             return [[] for _ in prompts]
         out = torch.stack(tokens, dim=1).tolist()
@@ -172,14 +180,18 @@ class SafeInferReference:
     @torch.inference_mode()
     def gate_verdicts(self, prompts: list[list[int]], probe: HarmProbe,
                       threshold: float | None = None) -> list[tuple[bool, float]]:
-        """(flagged, score) per prompt: `probe` on the residual stream after its layer at
-        the last prompt token."""
+        """(flagged, score) per prompt: `probe` over its read window of the prompt."""
         threshold = probe.threshold if threshold is None else threshold
         ids, mask = left_pad(prompts, self.pad_id, self.model.device)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
                          output_hidden_states=True, use_cache=False, logits_to_keep=1)
-        scores = probe.scores(out.hidden_states[probe.layer + 1][:, -1])
-        return [(score > threshold, score) for score in scores.tolist()]
+        states = torch.stack([out.hidden_states[layer + 1] for layer in probe.layers], dim=2)
+        token_scores = probe.token_scores(states)
+        found = []
+        for row, prompt in enumerate(prompts):
+            score = probe.prompt_score(prompt, token_scores[row, -len(prompt):])
+            found.append((score > threshold, score))
+        return found
 
     def _row_settings(
         self, settings: RowSettings | Sequence[RowSettings], batch: int
@@ -199,10 +211,12 @@ class SafeInferReference:
                     raise ValueError(f"vector has {r.vector.numel()} entries, hidden is {hidden}")
         return rows
 
-    def _install_steering(self, rows: list[RowSettings], device: torch.device) -> list:
+    def _install_steering(self, rows: list[RowSettings], active: torch.Tensor,
+                          device: torch.device) -> list:
         """One forward hook per steered layer. With left padding, the last column of every
         forward is each row's last prompt token (prefill) or its newest token (decode):
-        exactly the positions SA steers."""
+        exactly the positions SA steers, in the rows `active` holds (gated rows once
+        flagged, in the very forward that flags them)."""
         by_layer: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
             if r.mode.steers:
@@ -212,23 +226,91 @@ class SafeInferReference:
             delta = torch.stack(
                 [rows[i].gamma * rows[i].vector.to(device, torch.float32) for i in idx]
             )
-            hook = _steer_hook(torch.tensor(idx, device=device), delta)
+            hook = _steer_hook(torch.tensor(idx, device=device), delta, active)
             handles.append(self.model.model.layers[layer].register_forward_hook(hook))
         return handles
 
 
-def _steer_hook(rows: torch.Tensor, delta: torch.Tensor):
-    """Add `delta[j]` to row `rows[j]`'s last-column hidden state, in fp32 then cast back
-    (as vLLM does). Decoder layers return a tensor in transformers 5, a tuple before."""
+def _steer_hook(rows: torch.Tensor, delta: torch.Tensor, active: torch.Tensor):
+    """Add `delta[j]` to row `rows[j]`'s last-column hidden state where `active` holds, in
+    fp32 then cast back (as vLLM does). Decoder layers return a tensor in transformers 5,
+    a tuple before."""
 
     def hook(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
         last = torch.full_like(rows, hidden.shape[1] - 1)
-        steered = (hidden[rows, last].float() + delta).to(hidden.dtype)
+        current = hidden[rows, last]
+        steered = (current.float() + delta).to(hidden.dtype)
+        steered = torch.where(active[rows][:, None], steered, current)
         hidden = hidden.index_put((rows, last), steered)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     return hook
+
+
+class _Gate:
+    """The harm probe inside the reference's forwards: hooks on the probe's layers score
+    every column; the first forward decides each gated row at its prompt, and each later
+    one feeds the answer monitor with the row's newest token. `active` (the rows steered
+    now) and `mixes` (the rows that may mix) change in the forward that flags a row."""
+
+    def __init__(self, probe: HarmProbe | None, threshold: float | None,
+                 prompts: list[list[int]], gated: list[bool], done: torch.Tensor,
+                 device: torch.device) -> None:
+        self.probe = probe
+        self.threshold = (None if probe is None
+                          else probe.threshold if threshold is None else threshold)
+        self.prompts = prompts
+        self.gated = torch.tensor(gated, dtype=torch.bool, device=device)
+        self.done = done
+        self.active = ~self.gated
+        self.mixes = ~self.gated
+        self.flagged_at: list[str | None] = [None] * len(prompts)
+        self.scores = [float("nan")] * len(prompts)
+        self.answer_sum = [0.0] * len(prompts)
+        self.answer_count = [0] * len(prompts)
+        self.forwards = 0
+        self._states: list[torch.Tensor] = []
+
+    def install(self, model) -> list:
+        if self.probe is None or not bool(self.gated.any()):
+            return []
+        layers = self.probe.layers
+
+        def capture(index: int):
+            def hook(module, args, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                self._states.append(hidden.float())
+                if index == len(layers) - 1:
+                    self._decide(torch.stack(self._states, dim=2))
+                    self._states.clear()
+            return hook
+
+        return [model.model.layers[layer].register_forward_hook(capture(k))
+                for k, layer in enumerate(layers)]
+
+    def _decide(self, states: torch.Tensor) -> None:
+        probe, scores = self.probe, self.probe.token_scores(states)
+        first, self.forwards = self.forwards == 0, self.forwards + 1
+        for row in self.gated.nonzero().flatten().tolist():
+            if first:
+                prompt = self.prompts[row]
+                self.scores[row] = probe.prompt_score(prompt, scores[row, -len(prompt):])
+                if self.scores[row] > self.threshold:
+                    self.flagged_at[row] = "prompt"
+                    self.active[row] = self.mixes[row] = True
+            elif (probe.monitors and self.flagged_at[row] is None
+                  and not bool(self.done[row])):
+                self.answer_sum[row] += float(scores[row, -1])
+                self.answer_count[row] += 1
+                count = self.answer_count[row]
+                if (count >= probe.monitor_min_tokens
+                        and self.answer_sum[row] / count > probe.monitor_threshold):
+                    self.flagged_at[row] = f"token {count - 1}"
+                    self.active[row] = True
+
+    def verdicts(self) -> list[tuple[str | None, float]]:
+        return list(zip(self.flagged_at, self.scores))
 
 
 def _last_logits(model, ids, mask, positions, cache) -> tuple[torch.Tensor, object]:

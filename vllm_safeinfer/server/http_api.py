@@ -61,9 +61,11 @@ def describe(config: SafeInferConfig | None, table: VectorTable | None) -> dict[
         from vllm_safeinfer.common.probe import HarmProbe
 
         loaded = HarmProbe.load(config.probe)
-        probe = {"layer": loaded.layer, "normalize": loaded.normalize, "method": loaded.method,
+        probe = {"layers": list(loaded.layers), "position": loaded.position,
+                 "normalize": loaded.normalize, "method": loaded.method,
                  "threshold": (loaded.threshold if config.probe_threshold is None
-                               else config.probe_threshold)}
+                               else config.probe_threshold),
+                 "monitor_threshold": loaded.monitor_threshold}
     return {
         "configured": True,
         "vectors": {name: {"layer": entry.layer, "default_gamma": entry.gamma,
