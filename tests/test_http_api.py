@@ -51,8 +51,9 @@ def test_configuration_is_shown_without_paths(assets, monkeypatch):
                     "b": {"layer": 2, "default_gamma": 1.5, "relative_dose": 0.75}},
         "default_vector": "a", "expert": "tiny-llama-expert-v2", "expert_dtype": None,
         "defaults": {"mode": "safeinfer", "gamma": None, "lam": 0.9, "defence": "safeinfer"},
-        "probe": {"layer": 1, "normalize": False, "method": "mean-difference",
-                  "threshold": assets.harm_probe().threshold},
+        "probe": {"layers": [0, 1], "position": "content-mean", "normalize": False,
+                  "method": "mean-difference", "threshold": assets.harm_probe().threshold,
+                  "monitor_threshold": assets.harm_probe().monitor_threshold},
         "enforce": False}
     assert "/" not in response.text.replace(PATH, "")
     assert client.post(PATH).status_code == 405
