@@ -47,9 +47,10 @@ demo: export VLLM_CPU_OMP_THREADS_BIND ?= nobind
 demo: install
 	$(BIN)/safeinfer demo
 
-# SafeInfer end to end on the safety-tuned Qwen2.5-Coder-0.5B-Instruct: the safety vector
-# and the ablate expert built (cached), strengths calibrated, HarmEval in all four modes on
-# AdvBench's evaluation part, HarmBench and XSTest's evaluation half, in safeinfer-evidence/.
+# SafeInfer end to end on the safety-tuned Qwen2.5-Coder-0.5B-Instruct: the safety vector,
+# the harm probe and the ablate expert built (cached by what made them), strengths and
+# threshold calibrated (exit 1 when nothing fits), HarmEval at the chosen point on every
+# harmful and safe evaluation set and in three prompt styles, in safeinfer-evidence/.
 # EVIDENCE_ARGS=--compare-recipes builds and compares every expert recipe.
 evidence: export VLLM_CPU_OMP_THREADS_BIND ?= nobind
 evidence: export VLLM_CPU_KVCACHE_SPACE = 2

@@ -29,14 +29,17 @@ def make_batch(
         "scale": torch.rand(num_rows) + 0.5,
         "vector_id": torch.arange(num_rows) % 4,
         "prompt_len": torch.zeros(num_rows, dtype=torch.int64),
+        "steer_tokens": torch.full((num_rows,), 2**40),
         "vectors": torch.randn(4, hidden_size),
         "slot_mapping": None,
     }
 
 
-def main() -> None:
+def compare(name: str, reference, fused, batch_of, doc: str) -> None:
+    """Time `reference` and `fused` on `batch_of(tokens, hidden, max_rows, dtype)` batches
+    (on CUDA) over the command line's sizes, and print the table."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 1024, 8192])
     parser.add_argument("--hidden", type=int, nargs="+", default=[4096])
@@ -44,12 +47,10 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("bench_steer_kernel: needs a CUDA GPU; none found, nothing to time.")
+        print(f"{name}: needs a CUDA GPU; none found, nothing to time.")
         sys.exit(0)
 
     from triton.testing import do_bench
-
-    from vllm_safeinfer.kernels.steer import steer_reference, steer_triton
 
     dtype = DTYPES[args.dtype]
     print(f"{torch.cuda.get_device_name()}  dtype={args.dtype}  max_rows={args.max_rows}")
@@ -59,15 +60,21 @@ def main() -> None:
         for num_tokens in args.tokens:
             batch = {
                 k: None if v is None else v.cuda()
-                for k, v in make_batch(num_tokens, hidden_size, args.max_rows, dtype).items()
+                for k, v in batch_of(num_tokens, hidden_size, args.max_rows, dtype).items()
             }
-            torch_ms = do_bench(lambda: steer_reference(**batch))
-            triton_ms = do_bench(lambda: steer_triton(**batch))
+            torch_ms = do_bench(lambda: reference(**batch))
+            triton_ms = do_bench(lambda: fused(**batch))
             moved = 2 * batch["hidden"].numel() * batch["hidden"].element_size()  # read + write
             print(
                 f"{num_tokens:>7} {hidden_size:>7} {torch_ms:>10.4f} {triton_ms:>10.4f} "
                 f"{torch_ms / triton_ms:>7.1f}x {moved / triton_ms / 1e6:>12.1f}"
             )
+
+
+def main() -> None:
+    from vllm_safeinfer.kernels.steer import steer_reference, steer_triton
+
+    compare("bench_steer_kernel", steer_reference, steer_triton, make_batch, __doc__)
 
 
 if __name__ == "__main__":

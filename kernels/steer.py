@@ -2,8 +2,9 @@
 
 For every live token t (t < query_start_loc[R]) of batch row r (the row whose
 query range holds t) with state slot s (r, or slot_mapping[r] under vLLM's
-Model Runner V2), when the token is the last prompt token or a generated one
-(positions[t] >= prompt_len[s] - 1) and scale[s] != 0:
+Model Runner V2), when the token is the last prompt token or a generated one, within
+the row's steered window (prompt_len[s] - 1 <= positions[t] < prompt_len[s] - 1 +
+steer_tokens[s]) and scale[s] != 0:
 
     hidden[t] += scale[s] * vectors[vector_id[s]]      (fp32 accumulate, one rounding)
 
@@ -29,6 +30,21 @@ def token_rows(query_start_loc: torch.Tensor, num_tokens: int
     return tokens, rows.clamp_(max=query_start_loc.numel() - 2)
 
 
+def steered_tokens(num_tokens: int, positions: torch.Tensor, query_start_loc: torch.Tensor,
+                   strength: torch.Tensor, prompt_len: torch.Tensor,
+                   steer_tokens: torch.Tensor, slot_mapping: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, ...]:
+    """(each token's fp32 strength, its state slot, whether it is steered): a live token
+    of a row with a non-zero strength, in the row's window from its last prompt token."""
+    tokens, rows = token_rows(query_start_loc, num_tokens)
+    slots = rows if slot_mapping is None else slot_mapping[rows].long()
+    coef = strength[slots].float()
+    start = prompt_len[slots] - 1
+    gate = ((tokens < query_start_loc[-1]) & (positions >= start)
+            & (positions < start + steer_tokens[slots]) & (coef != 0))
+    return coef, slots, gate
+
+
 def steer_reference(
     hidden: torch.Tensor,
     positions: torch.Tensor,
@@ -36,20 +52,38 @@ def steer_reference(
     scale: torch.Tensor,
     vector_id: torch.Tensor,
     prompt_len: torch.Tensor,
+    steer_tokens: torch.Tensor,
     vectors: torch.Tensor,
     slot_mapping: torch.Tensor | None = None,
 ) -> None:
     """Pure-torch steering, in place: the kernel's oracle and the CPU serving path."""
-    num_tokens = hidden.shape[0]
-    if num_tokens == 0 or query_start_loc.numel() < 2:
+    if hidden.shape[0] == 0 or query_start_loc.numel() < 2:
         return
-    tokens, rows = token_rows(query_start_loc, num_tokens)
-    slots = rows if slot_mapping is None else slot_mapping[rows].long()
-    coef = scale[slots].float()
-    gate = (tokens < query_start_loc[-1]) & (positions >= prompt_len[slots] - 1) & (coef != 0)
-    steered = hidden.float() + coef[:, None] * vectors[vector_id[slots]].float()
+    coef, rows, gate = steered_tokens(hidden.shape[0], positions, query_start_loc, scale,
+                                      prompt_len, steer_tokens, slot_mapping)
+    steered = hidden.float() + coef[:, None] * vectors[vector_id[rows]].float()
     # `where`, not `add_`: ungated rows must keep their exact bits (-0.0, no 0 * inf).
     hidden.copy_(torch.where(gate[:, None], steered.to(hidden.dtype), hidden))
+
+
+@triton.jit
+def token_slot(token, query_start_loc_ptr, slot_mapping_ptr, num_rows,
+               SEARCH_STEPS: tl.constexpr, HAS_SLOT_MAPPING: tl.constexpr):
+    """The state slot of a live token's row: the upper bound over query_start_loc[1:]
+    (first row r with qsl[r + 1] > token), through slot_mapping under Model Runner V2."""
+    lo = 0
+    hi = num_rows
+    for _ in tl.static_range(SEARCH_STEPS):
+        searching = lo < hi
+        mid = (lo + hi) // 2
+        row_end = tl.load(query_start_loc_ptr + 1 + mid, mask=searching, other=0)
+        go_right = searching & (row_end <= token)
+        lo = tl.where(go_right, mid + 1, lo)
+        hi = tl.where(searching & ~go_right, mid, hi)
+    row = tl.minimum(lo, num_rows - 1)
+    if HAS_SLOT_MAPPING:
+        return tl.load(slot_mapping_ptr + row).to(tl.int64)
+    return row.to(tl.int64)
 
 
 # An int argument equal to 1 would be compiled as a constant; R = 1 keeps the same code.
@@ -63,6 +97,7 @@ def _steer_kernel(
     scale_ptr,
     vector_id_ptr,
     prompt_len_ptr,
+    steer_tokens_ptr,
     vectors_ptr,
     vectors_stride,
     num_rows,
@@ -73,25 +108,13 @@ def _steer_kernel(
 ):
     token = tl.program_id(0)
     if token < tl.load(query_start_loc_ptr + num_rows):
-        # Upper bound over query_start_loc[1:]: first row r with qsl[r + 1] > token.
-        lo = 0
-        hi = num_rows
-        for _ in tl.static_range(SEARCH_STEPS):
-            searching = lo < hi
-            mid = (lo + hi) // 2
-            row_end = tl.load(query_start_loc_ptr + 1 + mid, mask=searching, other=0)
-            go_right = searching & (row_end <= token)
-            lo = tl.where(go_right, mid + 1, lo)
-            hi = tl.where(searching & ~go_right, mid, hi)
-        row = tl.minimum(lo, num_rows - 1)
-        if HAS_SLOT_MAPPING:
-            slot = tl.load(slot_mapping_ptr + row).to(tl.int64)
-        else:
-            slot = row.to(tl.int64)
+        slot = token_slot(token, query_start_loc_ptr, slot_mapping_ptr, num_rows,
+                          SEARCH_STEPS, HAS_SLOT_MAPPING)
         coef = tl.load(scale_ptr + slot).to(tl.float32)
         position = tl.load(positions_ptr + token)
-        prompt_len = tl.load(prompt_len_ptr + slot)
-        if (position >= prompt_len - 1) & (coef != 0.0):
+        start = tl.load(prompt_len_ptr + slot) - 1
+        in_window = (position >= start) & (position < start + tl.load(steer_tokens_ptr + slot))
+        if in_window & (coef != 0.0):
             vector = vectors_ptr + tl.load(vector_id_ptr + slot).to(tl.int64) * vectors_stride
             row_ptr = hidden_ptr + token.to(tl.int64) * hidden_stride
             for start in range(0, hidden_size, BLOCK_H):
@@ -109,6 +132,7 @@ def steer_triton(
     scale: torch.Tensor,
     vector_id: torch.Tensor,
     prompt_len: torch.Tensor,
+    steer_tokens: torch.Tensor,
     vectors: torch.Tensor,
     slot_mapping: torch.Tensor | None = None,
 ) -> None:
@@ -132,6 +156,7 @@ def steer_triton(
         scale,
         vector_id,
         prompt_len,
+        steer_tokens,
         vectors,
         vectors.stride(0),
         num_rows,
@@ -152,16 +177,17 @@ def steer_(
     scale: torch.Tensor,
     vector_id: torch.Tensor,
     prompt_len: torch.Tensor,
+    steer_tokens: torch.Tensor,
     vectors: torch.Tensor,
     slot_mapping: torch.Tensor | None = None,
 ) -> None:
     """Steer `hidden` in place; an opaque op so compiled graphs keep it as one call."""
     if hidden.device.type in ("cuda", "xpu"):
-        steer_triton(hidden, positions, query_start_loc, scale, vector_id, prompt_len, vectors,
-                     slot_mapping)
+        steer_triton(hidden, positions, query_start_loc, scale, vector_id, prompt_len,
+                     steer_tokens, vectors, slot_mapping)
     elif bool(scale.any()):  # on CPU the check is free and spares the [T, H] pass
         steer_reference(hidden, positions, query_start_loc, scale, vector_id, prompt_len,
-                        vectors, slot_mapping)
+                        steer_tokens, vectors, slot_mapping)
 
 
 @steer_.register_fake
@@ -172,6 +198,7 @@ def _steer_fake(
     scale: torch.Tensor,
     vector_id: torch.Tensor,
     prompt_len: torch.Tensor,
+    steer_tokens: torch.Tensor,
     vectors: torch.Tensor,
     slot_mapping: torch.Tensor | None = None,
 ) -> None:

@@ -23,9 +23,10 @@ ENGINE_DEFAULTS = dict(dtype="float32", max_model_len=512, block_size=32, enforc
 
 @dataclass(frozen=True)
 class TinyAssets:
-    """A tiny model, its expert twin, two unit safety vectors: `a` at layer 1 (a file
-    without a residual norm, as written before it was recorded) and `b` at layer 2 (residual
-    norm 2.0), and a harm probe over layers 0 and 1 (`gating_probe`: random directions,
+    """A tiny model, its expert twin, three unit safety vectors: `a` adds at layer 1 (a
+    file without a residual norm, as written before it was recorded), `b` adds at layer 2
+    (residual norm 2.0), `p` projects at layers 1 and 2 (target component 6) for the first
+    4 positions of an answer, and a harm probe over layers 0 and 1 (`gating_probe`: random directions,
     which prompts it flags is arbitrary, what matters is that the engine and the reference
     agree)."""
 
@@ -54,8 +55,9 @@ def make_tiny_assets(name: str, folder: Path) -> TinyAssets:
     path = model_path(name)
     config = AutoConfig.from_pretrained(path)
     vectors = {}
-    for seed, (vector_name, layer, gamma, norm) in enumerate(
-        (("a", 1, 1.0, None), ("b", 2, 1.5, 2.0))
+    for seed, (vector_name, layer, gamma, norm, steering, layers, window) in enumerate(
+        (("a", 1, 1.0, None, "add", (), 0), ("b", 2, 1.5, 2.0, "add", (), 0),
+         ("p", 1, 6.0, None, "project", (1, 2), 4))
     ):
         generator = torch.Generator().manual_seed(100 + seed)
         direction = torch.randn(config.hidden_size, generator=generator)
@@ -63,7 +65,8 @@ def make_tiny_assets(name: str, folder: Path) -> TinyAssets:
         SafetyVector(
             vector=direction / direction.norm(), layer=layer, model=name,
             hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
-            heads=((0, 0),), gamma=gamma, residual_norm=norm,
+            heads=((0, 0),), gamma=gamma, residual_norm=norm, steering=steering,
+            layers=layers, answer_tokens=window,
         ).save(file)
         vectors[vector_name] = str(file)
     probe = folder / f"{name}-probe.safetensors"

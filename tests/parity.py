@@ -52,11 +52,8 @@ class Case:
         lam = self.lam if self.lam is not None else DEFAULT_LAM
         if not mode.steers:
             return RowSettings(mode, lam=lam, gated=gated)
-        vector = assets.vector(self.vector or "a")
-        return RowSettings(
-            mode, vector=vector.vector, layer=vector.layer,
-            gamma=vector.gamma if self.gamma is None else self.gamma, lam=lam, gated=gated,
-        )
+        return RowSettings.steering_with(mode, assets.vector(self.vector or "a"), self.gamma,
+                                         lam=lam, gated=gated)
 
 
 MIXED_CASES = [
@@ -67,6 +64,8 @@ MIXED_CASES = [
     Case("sgds"),
     Case("sgds", lam=0.5),
     Case("safeinfer", vector="b", lam=0.9),
+    Case("sa", vector="p"),
+    Case("safeinfer", vector="p", gamma=-4.0, lam=0.5),
 ]
 
 

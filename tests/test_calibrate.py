@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.engines import new_llm
-from vllm_safeinfer.cli import build_parser
+from vllm_safeinfer.cli import build_parser, main
 from vllm_safeinfer.common.config import SafeInferConfig
 from vllm_safeinfer.data import refusal_prefixes
 from vllm_safeinfer.harmeval.backends import EngineBackend, Generation
@@ -41,9 +41,10 @@ GAMMAS = (0.5, 4.0)
 LAMS = (0.5, 0.9)
 
 
-def point(name, mode, gamma, lam, asr, refusal, degenerate, dose=None):
+def point(name, mode, gamma, lam, asr, refusal, degenerate, dose=None, harmful_degenerate=0.0):
     return {"point": name, "mode": mode, "gamma": gamma, "lam": lam, "relative_dose": dose,
-            "datasets": {HARMFUL: {"asr": {"keyword": {"macro": asr}}},
+            "datasets": {HARMFUL: {"asr": {"keyword": {"macro": asr}},
+                                   "degenerate_pct": harmful_degenerate},
                          SAFE: {"over_refusal": {"xstest": {"overall": refusal}},
                                 "degenerate_pct": degenerate}}}
 
@@ -109,6 +110,36 @@ def test_nothing_fits_or_only_steering_fits() -> None:
                                              "gamma": 0.1}
 
 
+def test_a_defence_must_beat_off_without_looping() -> None:
+    """A point no better than `off`, and one whose refusals are loops, are never chosen."""
+    table = candidates({"points": [
+        point("off", "off", None, None, 40.0, 10.0, 0.0, harmful_degenerate=1.0),
+        point("sa gamma=0.1", "sa", 0.1, None, 40.0, 10.0, 0.0),
+        point("sgds lam=0.5", "sgds", None, 0.5, 45.0, 10.0, 0.0),
+        point("sa gamma=2.0", "sa", 2.0, None, 0.0, 10.0, 0.0, harmful_degenerate=90.0),
+    ]}, 5.0, 2.0)
+    why = {c.point: c.why_not for c in table}
+    assert why["sa gamma=0.1"] == "ASR 40% not below off's 40%"
+    assert why["sgds lam=0.5"] == "ASR 45% not below off's 40%"
+    assert why["sa gamma=2.0"] == "degenerate answers to harmful prompts 90% > off's 1% + 2"
+    assert choose(table) is None and {c.point for c in table if c.eligible} == {"off"}
+
+
+def test_zero_strengths_are_refused(tmp_path, tiny_assets, capsys) -> None:
+    model = ScriptedModel(refuses_harmful=1.0, refuses_safe=2.4, lam_refuses=0.9)
+    with pytest.raises(ValueError, match=r"--gammas must all be > 0 .* got 0\.0"):
+        scripted_calibration(tmp_path, tiny_assets, model, gammas=(0.0, 1.0))
+    with pytest.raises(ValueError, match=r"--lams must all be > 0 .* got 0\.0"):
+        scripted_calibration(tmp_path, tiny_assets, model, lams=(0.0,))
+    assert model.points_seen == []
+    with pytest.raises(SystemExit) as exited:
+        main(["calibrate", "--model", "tiny-llama", "--vector", tiny_assets("tiny-llama").vectors["b"],
+              "--out", str(tmp_path / "c.json"), "--lams", "0.9", "0"])
+    assert exited.value.code == 2
+    assert "--lams must all be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "c.json").exists()
+
+
 def test_budgets_must_be_non_negative_and_off_must_be_there() -> None:
     with pytest.raises(ValueError, match="budget"):
         candidates(SUMMARY, over_refusal_budget=-1.0, degeneration_budget=2.0)
@@ -129,12 +160,12 @@ class ScriptedModel:
     are known in advance."""
 
     def __init__(self, refuses_harmful: float, refuses_safe: float, lam_refuses: float,
-                 mixing_loops: bool = False) -> None:
-        self.rule = (refuses_harmful, refuses_safe, lam_refuses, mixing_loops)
+                 mixing_loops: bool = False, steering_loops: float = 99.0) -> None:
+        self.rule = (refuses_harmful, refuses_safe, lam_refuses, mixing_loops, steering_loops)
         self.points_seen: list[str] = []
 
     def generate(self, requests, on_done) -> None:
-        harmful_at, safe_at, lam_at, mixing_loops = self.rule
+        harmful_at, safe_at, lam_at, mixing_loops, loops_at = self.rule
         for request in requests:
             args = request.extra_args
             steering = args.get("safeinfer_mode") in ("sa", "safeinfer")
@@ -143,19 +174,25 @@ class ScriptedModel:
             point, prompt_id = request.request_id.split("|")
             dataset, index = prompt_id.split(":")
             self.points_seen.append(point)
+            gate = None
+            if args.get("safeinfer_mode") == "auto":  # a probe that tells the sets apart
+                score = 0.1 if dataset == SAFE else 0.9
+                gate = {"flagged": score > 0.5, "score": score, "defence": "safeinfer"}
             if dataset == SAFE:
                 text = (LOOP if lam is not None and mixing_loops
                         else REFUSE if gamma is not None and gamma >= safe_at else COMPLY)
+            elif gamma is not None and gamma >= loops_at:
+                text = LOOP
             else:
                 refused = ((gamma is not None and gamma >= harmful_at)
                            or (lam is not None and lam >= lam_at and int(index) % 2 == 0))
                 text = REFUSE if refused else COMPLY
-            on_done(Generation(request.request_id, text, "length", 12))
+            on_done(Generation(request.request_id, text, "length", 12, gate))
 
 
-def scripted_calibration(tmp_path, tiny_assets, model, **kwargs):
+def scripted_calibration(tmp_path, tiny_assets, model, safeinfer=None, **kwargs):
     assets = tiny_assets("tiny-llama")
-    safeinfer = {"vector": assets.vectors["b"], "expert_model": assets.expert}
+    safeinfer = safeinfer or {"vector": assets.vectors["b"], "expert_model": assets.expert}
     return calibrate(model=assets.model, safeinfer=safeinfer, make_backend=lambda: model,
                      out=tmp_path / "chosen.json", report_dir=tmp_path / "sweep", limit=10,
                      progress=False, **kwargs)
@@ -200,6 +237,46 @@ def test_calibration_with_no_fitting_point_fails_unless_off_is_allowed(tmp_path,
                                              allow_off=True)
     assert chosen is None
     assert config["mode"] == "off" and "gamma" not in config and "lam" not in config
+
+
+def test_the_gate_makes_room_for_safeinfer_points(tmp_path, tiny_assets) -> None:
+    """Steering refuses every safe prompt, so no dose fits ungated; gated by a probe that
+    tells the sets apart, doses up to 2.0 fit (from 2.4 harmful answers loop). The fine
+    stage refines there and tries SafeInfer, and the choice is gated."""
+    model = ScriptedModel(refuses_harmful=1.0, refuses_safe=0.0, lam_refuses=0.9,
+                          steering_loops=2.4)
+    assets = tiny_assets("tiny-llama")
+    config, chosen, table = scripted_calibration(
+        tmp_path, tiny_assets, model, safeinfer={"vector": assets.vectors["b"],
+                                                 "expert_model": assets.expert,
+                                                 "probe": assets.probe})
+    assert not [c for c in table if c.threshold is None and c.mode == "sa" and c.eligible]
+    fine = sorted({p for p in model.points_seen if p.startswith(("safeinfer", "sa gamma=2.4"))})
+    assert fine == ["sa gamma=2.449", "safeinfer gamma=2.0 lam=0.9",
+                    "safeinfer gamma=2.0 lam=0.99", "safeinfer gamma=2.449 lam=0.9",
+                    "safeinfer gamma=2.449 lam=0.99"]
+    loops = next(c for c in table if c.point == "sa gamma=3.0")
+    assert loops.harmful_degenerate == 100.0 and "degenerate answers to harmful" in loops.why_not
+    assert chosen.mode == "auto:sa" and chosen.gamma == 1.4 and chosen.asr == 0.0
+    assert config["mode"] == "auto" and config["defence"] == "sa"
+    report = (tmp_path / "sweep" / REPORT).read_text()
+    assert "degenerate harmful answers %" in report
+
+
+def test_the_fine_stage_refines_around_the_best_fitting_dose() -> None:
+    """Gated, a stronger dose may fit only at a threshold that flags fewer prompts (a
+    higher ASR): the fine stage refines around the best dose, not the strongest."""
+    from vllm_safeinfer.offline.calibrate import fine_points
+    from vllm_safeinfer.offline.calibration_choice import Candidate
+
+    def gated(mode, gamma, lam, asr):
+        return Candidate(f"auto:{mode}", f"auto:{mode}", gamma, lam, asr, 0.0, 0.0, 0.0,
+                         True, "", None, threshold=0.5)
+
+    table = [gated("sa", 1.0, None, 40.0), gated("sa", 2.0, None, 15.0),
+             gated("sa", 3.0, None, 55.0), gated("sgds", None, 0.9, 50.0)]
+    assert [p.key for p in fine_points(table, (1.0, 2.0, 3.0, 4.0), can_mix=True)] == [
+        "sa gamma=2.449", "safeinfer gamma=2.0 lam=0.9", "safeinfer gamma=2.449 lam=0.9"]
 
 
 def test_calibration_with_only_steering_fitting_writes_no_lam(tmp_path, tiny_assets) -> None:

@@ -123,8 +123,11 @@ def test_gamma_precedence_request_then_config_then_file(assets):
     model_config = _ModelConfig(assets.hidden_size, 4)
     from_file = VectorTable(SafeInferConfig.from_dict(assets.safeinfer_config()), model_config)
     assert from_file.entries["a"].gamma == 1.0 and from_file.entries["b"].gamma == 1.5
-    from_config = VectorTable(SafeInferConfig.from_dict(assets.safeinfer_config(gamma=3.0, layer=3)),
-                              model_config)
+    adding = {name: assets.vectors[name] for name in ("a", "b")}
+    from_config = VectorTable(SafeInferConfig.from_dict(
+        assets.safeinfer_config(vectors=adding, gamma=3.0, layer=3)), model_config)
+    with pytest.raises(ValueError, match="steers layers \\[1, 2\\]: the config's single `layer`"):
+        VectorTable(SafeInferConfig.from_dict(assets.safeinfer_config(layer=3)), model_config)
     assert {e.gamma for e in from_config.entries.values()} == {3.0}
     assert from_config.layers == (3,)
     # The relative dose gamma*|SV|/|h| (unit vectors; b's file records |h| = 2.0): known
@@ -141,7 +144,7 @@ def test_gamma_precedence_request_then_config_then_file(assets):
     state.swap(0, 2)
     state.move(1, 3)
     state.flush()
-    slot_a, slot_b = from_file.entries["a"].layer - 1, from_file.entries["b"].layer - 1
+    slot_a, slot_b = from_file.entries["a"].layers[0] - 1, from_file.entries["b"].layers[0] - 1
     assert state.scale[slot_b].tolist() == [0.0, 0.0, 1.5, 0.0]
     assert state.scale[slot_a].tolist() == [0.0, 0.0, 0.0, -2.0]
     assert state.mixes.tolist() == [True, False, False, True]

@@ -2,12 +2,21 @@
 the HF reference, isolation inside mixed batches, and request validation."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 
 from tests.engines import new_llm, safeinfer_engine
-from tests.parity import MIXED_CASES, PROMPTS, Case, reference_generate, sampling, vllm_generate
+from tests.parity import (
+    MAX_TOKENS,
+    MIXED_CASES,
+    PROMPTS,
+    Case,
+    reference_generate,
+    sampling,
+    vllm_generate,
+)
 
 ARCHS = ["tiny-llama", "tiny-qwen2"]
 
@@ -54,6 +63,25 @@ def test_mixed_batch_isolation(engine_pool, tiny_assets, references, name):
     want = reference_generate(references(name), assets, prompts, [c for _, c in rows])
     assert batch == alone
     assert batch == want
+
+
+def test_projection_sets_the_component(engine_pool, tiny_assets, references):
+    """A projecting vector (`p`, layers 1 and 2, the first 4 answer positions) served
+    alone: the reference's tokens, different from `off`'s, from adding the same
+    direction and from projecting at every position."""
+    assets = tiny_assets("tiny-llama")
+    llm = safeinfer_engine(engine_pool, assets)
+    cases = [Case("sa", vector="p"), Case("sa", vector="p", gamma=2.0)]
+    for case in cases:
+        got = vllm_generate(llm, PROMPTS, sampling(case))
+        assert got == reference_generate(references("tiny-llama"), assets, PROMPTS,
+                                         [case] * len(PROMPTS))
+        assert got != vllm_generate(llm, PROMPTS, sampling(Case("off")))
+    served = vllm_generate(llm, PROMPTS, sampling(cases[0]))
+    row = cases[0].row_settings(assets)
+    for other in (dataclasses.replace(row, projects=False),
+                  dataclasses.replace(row, answer_tokens=0)):
+        assert served != references("tiny-llama").generate(PROMPTS, other, MAX_TOKENS)
 
 
 def test_off_equals_vanilla_vllm(engine_pool, tiny_assets, references):

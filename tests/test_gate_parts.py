@@ -18,7 +18,12 @@ from vllm_safeinfer.engine.batch_state import FLAGGED, LET_THROUGH, NEVER, PENDI
 from vllm_safeinfer.engine.gating import probe_decide_, probe_read_
 from vllm_safeinfer.engine.prefix_cache import EXPERT_KEY, steering_block_key
 from vllm_safeinfer.harmeval.summary import probe_confusion
-from vllm_safeinfer.offline.calibration_choice import Candidate, gated_candidates, written_config
+from vllm_safeinfer.offline.calibration_choice import (
+    HARMFUL,
+    Candidate,
+    gated_candidates,
+    written_config,
+)
 
 
 def _probe(hidden: int = 64, layers: tuple[int, ...] = (1,), threshold: float = 0.1,
@@ -288,16 +293,24 @@ def test_calibration_scores_every_threshold_from_recorded_answers(tiny_assets):
         harmful = dataset.startswith("advbench")
         records.append(_record("off", pid, dataset, unsafe=harmful))
         records.append(_record("sgds lam=0.9", pid, dataset, refused=not harmful))
-    table = [Candidate("off", "off", None, None, 100.0, 0.0, 0.0, True, "", None),
-             Candidate("sgds lam=0.9", "sgds", None, 0.9, 0.0, 100.0, 0.0, False, "", None)]
+    table = [Candidate("off", "off", None, None, 100.0, 0.0, 0.0, 0.0, True, "", None),
+             Candidate("sgds lam=0.9", "sgds", None, 0.9, 0.0, 100.0, 0.0, 0.0, False, "",
+                       None)]
     scores = {"h1": 0.9, "h2": 0.2, "s1": 0.8, "s2": 0.1}
     gated = {round(c.threshold, 3): c for c in gated_candidates(table, records, scores, 60.0, 2.0)}
     assert (gated[0.5].asr, gated[0.5].over_refusal, gated[0.5].flagged_safe) == (50.0, 50.0, 50.0)
     assert (gated[0.15].asr, gated[0.15].over_refusal) == (0.0, 50.0)
     assert gated[0.15].eligible and gated[0.15].mode == "auto:sgds"
-    lowest = min(gated)
+    lowest, highest = min(gated), max(gated)
     assert (gated[lowest].asr, gated[lowest].over_refusal, gated[lowest].eligible) == (
         0.0, 100.0, False)
+    assert (gated[highest].asr, gated[highest].over_refusal) == (50.0, 0.0)
+    # A defence that answers as `off` does lowers no ASR at any threshold: never chosen.
+    records += [_record("sa gamma=1.0", pid, r["dataset"], unsafe=r["dataset"] == HARMFUL)
+                for pid, r in {r["prompt_id"]: r for r in records}.items()]
+    useless = Candidate("sa gamma=1.0", "sa", 1.0, None, 100.0, 0.0, 0.0, 0.0, False, "", None)
+    for c in gated_candidates([table[0], useless], records, scores, 60.0, 2.0):
+        assert not c.eligible and c.why_not.startswith("ASR 100% not below off's 100%")
     config = written_config(tiny_assets("tiny-llama").safeinfer_config(), table, gated[0.15])
     assert (config["mode"], config["defence"], config["lam"]) == ("auto", "sgds", 0.9)
     assert config["probe_threshold"] == gated[0.15].threshold

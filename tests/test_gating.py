@@ -20,7 +20,8 @@ from tests.test_stress import LONG_TOKENS, preemptions, stress_engine
 
 ARCHS = ["tiny-llama", "tiny-qwen2"]
 GATED = [Case("auto"), Case("auto", defence="sgds", lam=0.5),
-         Case("auto", defence="sa", vector="b", gamma=-1.5)]
+         Case("auto", defence="sa", vector="b", gamma=-1.5),
+         Case("auto", defence="sa", vector="p")]
 
 
 def generate(llm, prompts, params) -> tuple[list[list[int]], list[str], list]:

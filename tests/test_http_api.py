@@ -47,8 +47,12 @@ def test_configuration_is_shown_without_paths(assets, monkeypatch):
     assert response.status_code == 200
     assert response.json() == {
         "configured": True,
-        "vectors": {"a": {"layer": 1, "default_gamma": 1.0, "relative_dose": None},
-                    "b": {"layer": 2, "default_gamma": 1.5, "relative_dose": 0.75}},
+        "vectors": {"a": {"layers": [1], "steering": "add", "answer_tokens": 0,
+                          "default_gamma": 1.0, "relative_dose": None},
+                    "b": {"layers": [2], "steering": "add", "answer_tokens": 0,
+                          "default_gamma": 1.5, "relative_dose": 0.75},
+                    "p": {"layers": [1, 2], "steering": "project", "answer_tokens": 4,
+                          "default_gamma": 6.0, "relative_dose": None}},
         "default_vector": "a", "expert": "tiny-llama-expert-v2", "expert_dtype": None,
         "defaults": {"mode": "safeinfer", "gamma": None, "lam": 0.9, "defence": "safeinfer"},
         "probe": {"layers": [0, 1], "position": "content-mean", "normalize": False,

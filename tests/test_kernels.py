@@ -1,4 +1,5 @@
-"""The Triton kernels (kernels/steer.py, kernels/mix.py) against their torch references.
+"""The Triton kernels (kernels/steer.py, kernels/project.py, kernels/mix.py) against their
+torch references.
 
 On a GPU the kernels run compiled on CUDA tensors. Without one they run under Triton's
 interpreter on CPU tensors, which Triton picks per `@triton.jit` function when it is
@@ -22,12 +23,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from vllm_safeinfer.kernels import mix, steer  # noqa: E402
+from vllm_safeinfer.kernels import mix, project, steer  # noqa: E402
 from vllm_safeinfer.kernels.mix import mix_, mix_reference, mix_triton  # noqa: E402
+from vllm_safeinfer.kernels.project import project_, project_reference, project_triton  # noqa: E402,E501
 from vllm_safeinfer.kernels.steer import steer_, steer_reference, steer_triton  # noqa: E402
 
 KERNELS_RUN_HERE = DEVICE == "cuda" or all(
-    isinstance(fn, InterpretedFunction) for fn in (tl.sum, steer._steer_kernel, mix._mix_kernel)
+    isinstance(fn, InterpretedFunction)
+    for fn in (tl.sum, steer._steer_kernel, project._project_kernel, mix._mix_kernel)
 )
 
 # numpy warns on the -inf arithmetic the kernels mask out (the GPU computes it silently).
@@ -65,15 +68,18 @@ def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- steering
 
-# (query tokens, first position, prompt length, scale, vector id) per live batch row.
+ALL = 2**40  # a window with no end
+# (query tokens, first position, prompt length, scale, vector id, window) per live batch
+# row; the window is how many positions from the last prompt token are steered.
 STEER_ROWS = [
-    (6, 0, 6, 1.5, 0),  # whole prompt in one step: only its last token is steered
-    (1, 9, 7, -2.0, 1),  # decode
-    (4, 10, 30, 3.0, 2),  # middle chunk of a chunked prefill: untouched
-    (4, 26, 30, 0.5, 1),  # last chunk: only its last token
-    (1, 12, 12, 0.0, 0),  # decode with scale 0: untouched
-    (1, 5, 3, 0.75, 2),  # decode
-    (3, 0, 3, 0.0, 1),  # prefill with scale 0
+    (6, 0, 6, 1.5, 0, ALL),  # whole prompt in one step: only its last token is steered
+    (1, 9, 7, -2.0, 1, ALL),  # decode
+    (4, 10, 30, 3.0, 2, ALL),  # middle chunk of a chunked prefill: untouched
+    (4, 26, 30, 0.5, 1, 1),  # last chunk: only its last token, the window's one
+    (1, 12, 12, 0.0, 0, ALL),  # decode with scale 0: untouched
+    (1, 5, 3, 0.75, 2, 4),  # decode inside its window
+    (3, 0, 3, 0.0, 1, ALL),  # prefill with scale 0
+    (1, 11, 7, 2.5, 0, 3),  # decode past its window: untouched
 ]
 STEER_NUM_ROWS = 10  # rows past the live ones are CUDA-graph padding
 STEER_PAD_TOKENS = 3
@@ -103,14 +109,17 @@ def _steer_inputs(
     scale = torch.ones(num_slots)
     vector_id = torch.zeros(num_slots, dtype=index_dtype)
     prompt_len = torch.zeros(num_slots, dtype=index_dtype)
+    steer_tokens = torch.full((num_slots,), ALL, dtype=torch.int64)
     positions = torch.randint(0, 40, (num_tokens,), generator=gen)
     steered = torch.zeros(num_tokens, dtype=torch.bool)
-    for row, (n, first, plen, coef, vid) in enumerate(STEER_ROWS):
+    for row, (n, first, plen, coef, vid, window) in enumerate(STEER_ROWS):
         slot = slot_of_row[row] if slot_dtype is not None else row
         scale[slot], vector_id[slot], prompt_len[slot] = coef, vid, plen
+        steer_tokens[slot] = window
         start = int(qsl[row])
         positions[start : start + n] = torch.arange(first, first + n)
-        steered[start : start + n] = (positions[start : start + n] >= plen - 1) & (coef != 0)
+        at = positions[start : start + n]
+        steered[start : start + n] = (at >= plen - 1) & (at < plen - 1 + window) & (coef != 0)
     args = {
         "hidden": torch.randn(num_tokens, hidden_size, generator=gen).to(dtype),
         "positions": positions,
@@ -118,6 +127,7 @@ def _steer_inputs(
         "scale": scale,
         "vector_id": vector_id,
         "prompt_len": prompt_len,
+        "steer_tokens": steer_tokens,
         "vectors": torch.randn(STEER_NUM_VECTORS, hidden_size, generator=gen).to(vector_dtype),
         "slot_mapping": None if slot_dtype is None else slot_of_row.to(slot_dtype),
     }
@@ -189,6 +199,7 @@ def test_steer_kernel_binary_search(num_rows: int) -> None:
         "scale": torch.arange(1, num_rows + 1, dtype=torch.float32),  # row r adds (r+1) * e_r
         "vector_id": torch.arange(num_rows),
         "prompt_len": torch.ones(num_rows, dtype=torch.int32),
+        "steer_tokens": torch.full((num_rows,), ALL),
         "vectors": torch.eye(num_rows, 64),
         "slot_mapping": None,
     }
@@ -207,20 +218,27 @@ def _op_args() -> dict[str, torch.Tensor | None]:
     return {k: None if v is None else v.cpu() for k, v in args.items()}
 
 
-def test_steer_op_on_cpu_runs_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    args = _op_args()
+def _runs_reference_on_cpu(monkeypatch: pytest.MonkeyPatch, module, name: str,
+                           args: dict[str, torch.Tensor | None]) -> list:
+    """Call the custom op `name + '_'` of `module` on CPU `args`: it must run the torch
+    reference once, with the reference's result; returns a spy of later calls."""
+    reference = getattr(module, f"{name}_reference")
     calls = []
 
     def spy(*a: torch.Tensor | None) -> None:
         calls.append(a)
-        steer_reference(*a)
+        reference(*a)
 
-    monkeypatch.setattr(steer, "steer_reference", spy)
+    monkeypatch.setattr(module, f"{name}_reference", spy)
     hidden = args["hidden"].clone()
-    torch.ops.safeinfer.steer_(hidden, *list(args.values())[1:])
+    getattr(torch.ops.safeinfer, f"{name}_")(hidden, *list(args.values())[1:])
     assert len(calls) == 1
-    monkeypatch.undo()
-    assert torch.equal(hidden, _run_steer(steer_reference, args))
+    assert torch.equal(hidden, _run_steer(reference, args))
+    return calls
+
+
+def test_steer_op_on_cpu_runs_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    _runs_reference_on_cpu(monkeypatch, steer, "steer", _op_args())
 
 
 def test_steer_op_registration() -> None:
@@ -245,6 +263,94 @@ def test_steer_op_under_torch_compile() -> None:
     assert torch.equal(actual, expected)
     assert torch.equal(x_compiled, x_eager)
     assert not torch.equal(x_eager, args["hidden"])
+
+
+# ---------------------------------------------------------------------------- projection
+
+
+def _project_inputs(hidden_size: int, dtype: torch.dtype, index_dtype: torch.dtype,
+                    slot_dtype: torch.dtype | None, with_residual: bool
+                    ) -> tuple[dict[str, torch.Tensor | None], torch.Tensor]:
+    """STEER_ROWS as projections: each row's scale becomes its target component, the
+    vectors unit directions; vLLM's residual half of the stream beside `hidden`."""
+    args, steered = _steer_inputs(hidden_size, dtype, torch.float32, index_dtype, slot_dtype)
+    vectors = args.pop("vectors")
+    gen = torch.Generator().manual_seed(hidden_size + 1)
+    residual = torch.randn(args["hidden"].shape, generator=gen).to(dtype).to(DEVICE)
+    return {"hidden": args.pop("hidden"), "residual": residual if with_residual else None,
+            "positions": args.pop("positions"), "query_start_loc": args.pop("query_start_loc"),
+            "target": args.pop("scale") * 4.0, "vector_id": args.pop("vector_id"),
+            "prompt_len": args.pop("prompt_len"), "steer_tokens": args.pop("steer_tokens"),
+            "units": vectors / vectors.norm(dim=-1, keepdim=True),
+            "slot_mapping": args.pop("slot_mapping")}, steered
+
+
+@pytest.mark.parametrize("hidden_size", [96, 576, 4160])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "variant",
+    [
+        # (vector_id/prompt_len dtype, slot_mapping dtype or None, residual given)
+        (torch.int32, None, True),
+        (torch.int64, torch.int64, False),
+        (torch.int32, torch.int32, True),
+    ],
+    ids=["rows-residual", "slots-int64", "slots-int32-residual"],
+)
+def test_project_kernel_matches_reference(
+    hidden_size: int, dtype: torch.dtype,
+    variant: tuple[torch.dtype, torch.dtype | None, bool],
+) -> None:
+    index_dtype, slot_dtype, with_residual = variant
+    args, steered = _project_inputs(hidden_size, dtype, index_dtype, slot_dtype, with_residual)
+    expected = _run_steer(project_reference, args)
+    actual = _run_steer(project_triton, args)
+    if dtype == torch.float32:  # the dot's summation order differs
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    else:
+        err = (actual.float() - expected.float()).abs()
+        assert (err <= _ulp(expected, dtype)).all(), f"max error {err.max().item()}"
+    for out in (actual, expected):
+        assert torch.equal((out != args["hidden"]).any(-1), steered)
+        assert torch.equal(out[~steered], args["hidden"][~steered])
+    if dtype == torch.float32:
+        # The stream's component along each steered token's direction is its target.
+        tokens, rows = steer.token_rows(args["query_start_loc"], args["hidden"].shape[0])
+        slots = rows if args["slot_mapping"] is None else args["slot_mapping"][rows].long()
+        stream = actual + (0 if args["residual"] is None else args["residual"])
+        along = (stream * args["units"][args["vector_id"][slots]]).sum(-1)
+        torch.testing.assert_close(along[steered], args["target"][slots][steered],
+                                   rtol=1e-4, atol=1e-4)
+
+
+def _project_op_args() -> dict[str, torch.Tensor | None]:
+    args, _ = _project_inputs(64, torch.float32, torch.int64, torch.int32, True)
+    return {k: None if v is None else v.cpu() for k, v in args.items()}
+
+
+def test_project_op_on_cpu_runs_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    args = _project_op_args()
+    calls = _runs_reference_on_cpu(monkeypatch, project, "project", args)
+    # No row projects: the op leaves hidden alone without the [T, H] pass.
+    untouched = args["hidden"].clone()
+    torch.ops.safeinfer.project_(untouched, *list({**args, "target": args["target"] * 0}
+                                                  .values())[1:])
+    assert len(calls) == 1 and torch.equal(untouched, args["hidden"])
+
+
+def test_project_op_registration_and_compile() -> None:
+    args = _project_op_args()
+    torch.library.opcheck(torch.ops.safeinfer.project_.default, tuple(args.values()))
+    rest = tuple(args.values())[1:]
+
+    def step(x: torch.Tensor, *rest: torch.Tensor | None) -> torch.Tensor:
+        h = x * 2.0
+        project_(h, *rest)
+        return h + 1.0
+
+    expected = step(args["hidden"].clone(), *rest)
+    actual = torch.compile(step, backend="inductor", fullgraph=True)(args["hidden"].clone(), *rest)
+    assert torch.equal(actual, expected)
 
 
 # ---------------------------------------------------------------------------- mixing

@@ -96,7 +96,8 @@ def test_configuration_endpoint(server):
     assert response.status_code == 200
     body = response.json()
     assert body["defaults"]["mode"] == "sa" and body["expert"] == "tiny-llama-expert-v2"
-    assert {name: v["layer"] for name, v in body["vectors"].items()} == {"a": 1, "b": 2}
+    assert {name: (v["layers"], v["steering"]) for name, v in body["vectors"].items()} == {
+        "a": ([1], "add"), "b": ([2], "add"), "p": ([1, 2], "project")}
     assert body["vectors"]["b"]["relative_dose"] == 0.75
     assert httpx.post(f"{base}/v1/safeinfer", timeout=10).status_code == 405
 

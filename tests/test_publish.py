@@ -91,7 +91,7 @@ def test_publishing_needs_the_admin_key_and_a_file_in_the_folder(admin):
     assert unread.status_code == 401 and "loaded" not in unread.text
     for name, message in (("../c", "must match"), ("c.safetensors", "must match"),
                           ("", "must match"), (3, "must match"), ("nope", "does not exist"),
-                          ("deep", "layer 3, which this server does not steer")):
+                          ("deep", "layers [3], which this server does not steer")):
         response = publish(base, name)
         assert response.status_code == 400 and message in response.text, (name, response.text)
     refused = complete(base, model, [5, 6, 7], {"safeinfer_mode": "sa", "safeinfer_vector": "c"})
@@ -107,7 +107,7 @@ def test_published_and_replaced_vectors_steer_exactly(admin, references):
     reference = references("tiny-llama")
     first = write_vector(assets, vector_dir / "c.safetensors", seed=1)
     response = run_docs_example(base)
-    assert response["layer"] == 1 and response["default_gamma"] == 4.0
+    assert response["layers"] == [1] and response["default_gamma"] == 4.0
     assert response["version"] == 1 and len(response["sha256"]) == 64
     xargs = {"safeinfer_mode": "sa", "safeinfer_vector": "c"}
     shared = [(11 * i + 7) % 480 + 10 for i in range(70)]

@@ -33,7 +33,7 @@ def test_vector_for_another_model_is_refused(tiny_assets):
 
 def test_layer_outside_the_model_is_refused(tiny_assets):
     assets = tiny_assets("tiny-llama")
-    with pytest.raises(ValueError, match="layer 9 is outside"):
+    with pytest.raises(ValueError, match=r"layers \[9\] are outside"):
         new_llm(assets.model, additional_config={"safeinfer": {"vector": assets.vectors["a"],
                                                                "layer": 9}})
 

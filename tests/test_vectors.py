@@ -3,6 +3,7 @@ recomputations), the safetensors file format and its validation, the CLI, and th
 bundled SmolLM2-135M-Instruct vector."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -413,6 +414,67 @@ def test_residual_norm_round_trips_and_is_validated(vector: SafetyVector, tmp_pa
                         vector.vector, residual_norm=bad)
         with pytest.raises(ValueError, match=f"residual_norm.*{message}"):
             SafetyVector.load(path)
+
+
+def test_steering_kind_and_layers_round_trip_as_version_2(vector: SafetyVector,
+                                                          tmp_path: Path) -> None:
+    """A vector that adds at its own layer stays a version 1 file; one that projects, or
+    steers other layers, is version 2 with both recorded; a version 2 file without them,
+    or with bad ones, is refused."""
+    vector.save(tmp_path / "add.safetensors")
+    with safe_open(str(tmp_path / "add.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["format_version"] == "1" and "steering" not in handle.metadata()
+    plain = SafetyVector.load(tmp_path / "add.safetensors")
+    assert (plain.steering, plain.layers, plain.projects) == ("add", (1,), False)
+    projecting = dataclasses.replace(vector, steering="project", layers=(1, 2, 3),
+                                     answer_tokens=8)
+    projecting.save(tmp_path / "project.safetensors")
+    with safe_open(str(tmp_path / "project.safetensors"), framework="pt") as handle:
+        meta = handle.metadata()
+    assert (meta["format_version"], meta["steering"], meta["layers"], meta["answer_tokens"]) == (
+        "2", "project", "1,2,3", "8")
+    loaded = SafetyVector.load(tmp_path / "project.safetensors")
+    assert loaded == projecting and loaded.projects and loaded.layers == (1, 2, 3)
+    assert loaded.answer_tokens == 8 and loaded != plain
+    windowed = dataclasses.replace(vector, answer_tokens=2)
+    windowed.save(tmp_path / "windowed.safetensors")
+    assert SafetyVector.load(tmp_path / "windowed.safetensors").answer_tokens == 2
+    for changes, message in (({"steering": None}, "must record steering and layers"),
+                             ({"steering": "clamp"}, "steering must be one of add, project"),
+                             ({"layers": ""}, "metadata layers: bad layer"),
+                             ({"layers": "1-9"}, "within 0..3"),
+                             ({"layers": "x"}, "metadata layers: bad layer"),
+                             ({"answer_tokens": "-1"}, "answer_tokens must be an int >= 0"),
+                             ({"answer_tokens": "many"}, "answer_tokens='many' is not an"),
+                             ({"format_version": "3"}, "version '3' is not")):
+        rewritten = {**meta, **changes}
+        bad = tmp_path / "bad.safetensors"
+        save_file({"safety_vector": vector.vector},
+                  str(bad), metadata={k: v for k, v in rewritten.items() if v is not None})
+        with pytest.raises(ValueError, match=message):
+            SafetyVector.load(bad)
+    with pytest.raises(ValueError, match="must be distinct, ascending"):
+        dataclasses.replace(vector, layers=(2, 1))
+    with pytest.raises(ValueError, match="no direction to project on"):
+        dataclasses.replace(vector, vector=torch.zeros(16), steering="project")
+
+
+def test_cli_converts_a_vector(vector: SafetyVector, tmp_path: Path, capsys) -> None:
+    vector.save(tmp_path / "add.safetensors")
+    out = tmp_path / "project.safetensors"
+    assert main(["vector", "convert", str(tmp_path / "add.safetensors"), "--out", str(out),
+                 "--steering", "project", "--layers", "1-2,3", "--gamma", "2.5",
+                 "--answer-tokens", "6"]) == 0
+    converted = SafetyVector.load(out)
+    assert (converted.steering, converted.layers, converted.gamma, converted.answer_tokens) == (
+        "project", (1, 2, 3), 2.5, 6)
+    assert torch.equal(converted.vector, vector.vector) and converted.heads == vector.heads
+    assert "project at layers [1, 2, 3]" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        main(["vector", "convert", str(tmp_path / "add.safetensors"), "--out",
+              str(tmp_path / "bad.safetensors"), "--steering", "project", "--layers", "2-1"])
+    assert exited.value.code == 2 and "runs backwards" in capsys.readouterr().err
+    assert not (tmp_path / "bad.safetensors").exists()
 
 
 def test_load_rejects_nan(vector: SafetyVector, tmp_path: Path) -> None:

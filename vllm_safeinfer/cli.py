@@ -54,6 +54,13 @@ def _add_evidence(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vector-method", choices=("aie", "refusal-direction"), default="aie",
                    help="aie: the paper's head-ranked vector; refusal-direction: the "
                    "model's refusal direction")
+    p.add_argument("--steering", choices=("add", "project"), default="add",
+                   help="how the vector steers: add gamma*SV, or set the residual's "
+                   "component along it (`safeinfer vector convert`)")
+    p.add_argument("--steering-layers", metavar="LAYERS",
+                   help="layers to steer, e.g. 17-19 (default: the vector's own)")
+    p.add_argument("--answer-tokens", type=int, default=0, metavar="N",
+                   help="steer only the first N answer positions (default 0: all)")
     p.add_argument("--limit", type=int, default=50, help="prompts per evaluation set")
     p.add_argument("--calibration-limit", type=int, default=40,
                    help="prompts per calibration set")
@@ -101,6 +108,24 @@ def _add_vector(sub: argparse._SubParsersAction) -> None:
     bundled = actions.add_parser("bundled", help="print the path of a bundled safety vector")
     bundled.add_argument("name", help="project model name, e.g. smollm2-135m-instruct")
     _runs(bundled, "vllm_safeinfer.offline.vector_builder:vector_bundled_command")
+
+    convert = actions.add_parser(
+        "convert", help="write a copy of a vector that steers another way or at other "
+        "layers (its direction unchanged)")
+    convert.add_argument("file",
+                         help="FILE.safetensors, or a project model name for its bundled vector")
+    convert.add_argument("--out", required=True, help="output FILE.safetensors")
+    convert.add_argument("--steering", required=True, metavar="{add,project}",
+                         help="add: h += gamma*SV; project: set h's component along SV to "
+                         "gamma*|SV| (keeps the text coherent where a strong add loops)")
+    convert.add_argument("--layers", help="decoder layers to steer, e.g. 15-18 or 12,16 "
+                         "(default: the file's)")
+    convert.add_argument("--answer-tokens", type=int, metavar="N",
+                         help="steer only the first N positions from where steering starts "
+                         "(the last prompt token or the probe's flag), 0 for all (default: "
+                         "the file's)")
+    convert.add_argument("--gamma", type=float, help="default strength (default: the file's)")
+    _runs(convert, "vllm_safeinfer.offline.vector_builder:vector_convert_command")
 
     inspect = actions.add_parser(
         "inspect", help="print a safety vector file's metadata, norm and relative dose")

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 import torch
 
 from vllm_safeinfer.common.config import SafeInferConfig
-from vllm_safeinfer.common.vectors import SafetyVector, content_sha256, read_vector_file
+from vllm_safeinfer.common.vectors import (
+    ADD,
+    PROJECT,
+    SafetyVector,
+    content_sha256,
+    read_vector_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -26,16 +32,26 @@ RELOAD_SLOTS = 16
 
 @dataclass(frozen=True)
 class LoadedVector:
-    """A vector's row in the table, where it steers, its default strength, that
-    strength's relative dose `gamma * |SV| / |h|` (None when the file does not record the
-    residual norm, or when the config moves the vector off the layer it was measured at)
-    and the sha256 of its file (its identity)."""
+    """A vector's row in the table, the layers it steers and how (`projects`: target
+    projection, else an add; `answer_tokens`: how many positions, 0 for all), its norm `|SV|` (a projection's target is `gamma * |SV|`),
+    its default strength, that strength's relative dose `gamma * |SV| / |h|` (None when
+    the file does not record the residual norm, or when the config moves the vector off
+    the layer it was measured at) and the sha256 of its file (its identity)."""
 
     index: int
-    layer: int
+    layers: tuple[int, ...]
+    projects: bool
+    answer_tokens: int
+    norm: float
     gamma: float
     dose: float | None
     sha256: str
+
+    def describe(self) -> dict[str, object]:
+        """What the operator endpoints show of it."""
+        return {"layers": list(self.layers), "steering": PROJECT if self.projects else ADD,
+                "answer_tokens": self.answer_tokens, "default_gamma": self.gamma,
+                "relative_dose": self.dose}
 
 
 class VectorTable:
@@ -61,9 +77,10 @@ class VectorTable:
         self.table = torch.zeros(len(rows) + spare or 1, hidden)
         if rows:
             self.table[:len(rows)] = torch.stack(rows)
+        self.units = unit_rows(self.table)
         self._used = len(rows)
         self.layers: tuple[int, ...] = tuple(sorted(
-            {e.layer for e in self.entries.values()}
+            {layer for e in self.entries.values() for layer in e.layers}
             | ({config.layer} if config.layer is not None and config.vector_dir else set())))
 
     @property
@@ -75,15 +92,21 @@ class VectorTable:
         config, model_config = self._config, self._model_config
         vector.check_compatible(model_config)
         total = model_config.hf_config.num_hidden_layers
-        layer = vector.layer if config.layer is None else config.layer
-        if not 0 <= layer < total:
+        layers = vector.layers
+        if config.layer is not None:
+            if len(layers) != 1:
+                raise ValueError(f"safety vector {name!r} ({where}) steers layers "
+                                 f"{list(layers)}: the config's single `layer` cannot move it")
+            layers = (config.layer,)
+        if not all(0 <= layer < total for layer in layers):
             raise ValueError(
-                f"safety vector {name!r} ({where}): layer {layer} is outside the model's "
-                f"{total} decoder layers"
+                f"safety vector {name!r} ({where}): layers {list(layers)} are outside the "
+                f"model's {total} decoder layers"
             )
         gamma = float(config.gamma if config.gamma is not None else vector.gamma)
-        dose = vector.relative_dose(gamma) if layer == vector.layer else None
-        return LoadedVector(index, layer, gamma, dose, sha256)
+        dose = vector.relative_dose(gamma) if layers == vector.layers else None
+        return LoadedVector(index, layers, vector.projects, vector.answer_tokens,
+                            float(vector.vector.norm()), gamma, dose, sha256)
 
     def check_publishable(self, name: str, where: str, vector: SafetyVector,
                           sha256: str) -> LoadedVector:
@@ -97,9 +120,11 @@ class VectorTable:
             raise ValueError(f"all {RELOAD_SLOTS} slots for published vectors are used: "
                              "restart the server to publish more")
         entry = self._entry(name, where, vector, self._used, sha256)
-        if entry.layer not in self.layers:
-            raise ValueError(f"{where} steers layer {entry.layer}, which this server does not "
-                             f"steer (steered: {list(self.layers)}); restart with it configured")
+        unsteered = sorted(set(entry.layers) - set(self.layers))
+        if unsteered:
+            raise ValueError(f"{where} steers layers {unsteered}, which this server does not "
+                             f"steer (steered: {list(self.layers)}); restart with them "
+                             "configured")
         return entry
 
     def stage(self, name: str, where: str, vector: SafetyVector, sha256: str
@@ -110,6 +135,7 @@ class VectorTable:
         if sha256 in self.by_sha256:
             return entry, False
         self.table[entry.index] = vector.vector.float()
+        self.units[entry.index] = unit_rows(self.table[entry.index:entry.index + 1])[0]
         self._used += 1
         self.by_sha256[sha256] = entry
         return entry, True
@@ -120,6 +146,7 @@ class VectorTable:
         if entry.index != self._used - 1 or entry in self.entries.values():
             raise RuntimeError(f"row {entry.index} of vector {sha256[:12]} is in use")
         self.table[entry.index] = 0
+        self.units[entry.index] = 0
         self._used -= 1
 
     def bind(self, name: str, sha256: str) -> LoadedVector:
@@ -140,3 +167,10 @@ class VectorTable:
                                sha256[:12], self.entries[name].sha256[:12])
             return self.entries[name]
         return self.entries[name] if sha256 is None else self.by_sha256[sha256]
+
+
+def unit_rows(table: torch.Tensor) -> torch.Tensor:
+    """Each row scaled to unit length (a zero row stays zero): the directions a
+    projection sets the residual's component along."""
+    norms = table.norm(dim=-1, keepdim=True)
+    return torch.where(norms > 0, table / norms.clamp_min(torch.finfo(table.dtype).tiny), 0.0)

@@ -1,6 +1,19 @@
 """The safety vector file: one fp32 residual-stream vector plus the metadata that says
-which model and layer it belongs to, stored as safetensors (no pickle, so loading a
-file from elsewhere cannot run code).
+which model and layer it belongs to and how it steers, stored as safetensors (no pickle,
+so loading a file from elsewhere cannot run code).
+
+Two steering kinds (`steering`), each at one or several decoder layers (`layers`, by
+default the layer the vector was built at):
+- `add`: `h += gamma * SV` (the paper's safety amplification);
+- `project`: `h += (gamma * |SV| - h.u) u` with `u = SV / |SV|`: the residual's component
+  along the vector is set to a target value instead of being pushed past it, which keeps
+  the text coherent where a strong add loops (directional patching).
+Either may steer only the first `answer_tokens` positions from where steering starts
+(the last prompt token, or where the harm probe flagged): alignment lives in an answer's
+first tokens, and a model that has begun a refusal finishes it on its own, where one
+held in the refusal state at every token restarts it in a loop. Files that add at their
+own layer at every position are written as format version 1, the others as 2, so an
+older reader refuses a file it would apply wrongly.
 
 A vector silently added to the wrong model or layer would corrupt generations without
 any error, so `load` checks the file against its own metadata and `check_compatible`
@@ -24,6 +37,11 @@ from vllm_safeinfer.common.config import check_gamma
 
 FORMAT = "vllm_safeinfer.safety_vector"
 FORMAT_VERSION = "1"
+# Version 2 adds `steering`, `layers` and `answer_tokens`; version 1 files add at `layer`
+# at every position.
+FORMAT_VERSIONS = ("1", "2")
+ADD, PROJECT = "add", "project"
+STEERING_KINDS = (ADD, PROJECT)
 TENSOR = "safety_vector"
 DEFAULT_GAMMA = 0.5
 # A vector file holds hidden_size fp32 values and a few hundred bytes of metadata.
@@ -51,6 +69,20 @@ def parse_heads(text: str) -> tuple[Head, ...]:
     return tuple(heads)
 
 
+def parse_layers(text: str) -> tuple[int, ...]:
+    """Parse `L,L,...` or `A-B` ranges (0-based decoder layers) into sorted layers."""
+    layers: set[int] = set()
+    for item in text.split(","):
+        first, sep, last = item.strip().partition("-")
+        if not first.strip().isdigit() or (sep and not last.strip().isdigit()):
+            raise ValueError(f"bad layer {item!r} in {text!r}: expected L or A-B, e.g. 14-18")
+        start, end = int(first), int(last) if sep else int(first)
+        if end < start:
+            raise ValueError(f"layer range {item!r} in {text!r} runs backwards")
+        layers.update(range(start, end + 1))
+    return tuple(sorted(layers))
+
+
 def format_heads(heads: tuple[Head, ...]) -> str:
     """The `L:H,L:H,...` form that `parse_heads` reads."""
     return ",".join(f"{layer}:{head}" for layer, head in heads)
@@ -58,8 +90,10 @@ def format_heads(heads: tuple[Head, ...]) -> str:
 
 @dataclass(frozen=True, eq=False)
 class SafetyVector:
-    """SafeInfer's safety vector SV, added as `gamma * SV` to the output hidden state of
-    decoder layer `layer` (0-based), plus how it was built.
+    """SafeInfer's safety vector SV, applied with strength `gamma` to the output hidden
+    state of decoder layers `layers` (0-based; default: `layer`, where it was built and
+    where `residual_norm` was measured) by `steering` (`add` or `project`), plus how it
+    was built.
 
     `source` is the file it was loaded from, kept only to name it in error messages.
     """
@@ -81,10 +115,19 @@ class SafetyVector:
     rank_prompts: int = 0
     residual_norm: float | None = None
     model_fingerprint: str = ""
+    steering: str = ADD
+    layers: tuple[int, ...] = ()
+    answer_tokens: int = 0  # positions steered from where steering starts; 0: all
     source: str | None = None
 
     def __post_init__(self) -> None:
+        if not self.layers:
+            object.__setattr__(self, "layers", (self.layer,))
         _validate(self, where=self.source or "safety vector")
+
+    @property
+    def projects(self) -> bool:
+        return self.steering == PROJECT
 
     def __eq__(self, other: object) -> bool:
         """Equal when vector and metadata are identical (the loaded-from path aside)."""
@@ -94,8 +137,9 @@ class SafetyVector:
 
     def relative_dose(self, gamma: float | None = None) -> float | None:
         """`gamma * |SV| / |h|`: the steering's size against the residual stream it is
-        added to (mean norm at the vector's layer), comparable across models. None for
-        files written before the norm was recorded."""
+        applied to (mean norm at the vector's layer), comparable across models: what is
+        added, or the target component when it projects. None for files written before
+        the norm was recorded."""
         if self.residual_norm is None:
             return None
         gamma = self.gamma if gamma is None else gamma
@@ -113,7 +157,12 @@ class SafetyVector:
         return "\n".join(lines)
 
     def _metadata(self) -> dict[str, str]:
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION}
+        plain = self.steering == ADD and self.layers == (self.layer,) and not self.answer_tokens
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION if plain else "2"}
+        if not plain:
+            meta["steering"] = self.steering
+            meta["layers"] = ",".join(map(str, self.layers))
+            meta["answer_tokens"] = str(self.answer_tokens)
         meta.update({key: str(getattr(self, key)) for key in (*_INT_KEYS, *_STR_KEYS)})
         meta["gamma"] = repr(self.gamma)
         meta["heads"] = format_heads(self.heads)
@@ -234,6 +283,19 @@ def _validate(sv: SafetyVector, where: str) -> None:
         )
     if sv.num_layers < 1 or not 0 <= sv.layer < sv.num_layers:
         raise ValueError(f"{where}: layer {sv.layer} is outside 0..{sv.num_layers - 1}")
+    outside = [layer for layer in sv.layers if not 0 <= layer < sv.num_layers]
+    if outside or list(sv.layers) != sorted(set(sv.layers)):
+        raise ValueError(f"{where}: steered layers {list(sv.layers)} must be distinct, "
+                         f"ascending and within 0..{sv.num_layers - 1}")
+    if sv.steering not in STEERING_KINDS:
+        raise ValueError(f"{where}: steering must be one of {', '.join(STEERING_KINDS)}, "
+                         f"got {sv.steering!r}")
+    if isinstance(sv.answer_tokens, bool) or not isinstance(sv.answer_tokens, int) or \
+            sv.answer_tokens < 0:
+        raise ValueError(f"{where}: answer_tokens must be an int >= 0 (0: every position), "
+                         f"got {sv.answer_tokens!r}")
+    if sv.steering == PROJECT and not float(vector.norm()) > 0:
+        raise ValueError(f"{where}: a zero vector has no direction to project on")
     bad = [head for head in sv.heads if not 0 <= head[0] < sv.num_layers or head[1] < 0]
     if bad:
         raise ValueError(f"{where}: heads {format_heads(tuple(bad))} are outside the layers")
@@ -253,12 +315,25 @@ def _parse_metadata(meta: dict[str, str], where: str) -> dict[str, Any]:
     missing = [key for key in _REQUIRED_KEYS if key not in meta]
     if missing:
         raise ValueError(f"{where}: metadata lacks {', '.join(missing)}")
-    if meta["format"] != FORMAT or meta["format_version"] != FORMAT_VERSION:
+    if meta["format"] != FORMAT or meta["format_version"] not in FORMAT_VERSIONS:
         raise ValueError(
             f"{where}: format {meta['format']!r} version {meta['format_version']!r} is not "
-            f"{FORMAT!r} version {FORMAT_VERSION!r}"
+            f"{FORMAT!r} version {' or '.join(FORMAT_VERSIONS)}"
         )
     fields: dict[str, Any] = {key: meta[key] for key in _STR_KEYS}
+    if meta["format_version"] != FORMAT_VERSION:
+        if "steering" not in meta or "layers" not in meta:
+            raise ValueError(f"{where}: a version 2 file must record steering and layers")
+        fields["steering"] = meta["steering"]
+        try:
+            fields["layers"] = parse_layers(meta["layers"])
+        except ValueError as err:
+            raise ValueError(f"{where}: metadata layers: {err}") from None
+        try:
+            fields["answer_tokens"] = int(meta.get("answer_tokens", "0"))
+        except ValueError:
+            raise ValueError(f"{where}: metadata answer_tokens={meta['answer_tokens']!r} is "
+                             "not an integer") from None
     for key in _INT_KEYS:
         try:
             fields[key] = int(meta[key])

@@ -25,7 +25,8 @@ class BatchState:
     """Per-row settings for up to `max_rows` running requests.
 
     Rows are vLLM's persistent-batch indices (V1 model runner). `scale[k, row]` is the
-    request's gamma at steered layer `layers[k]` (0 = not steered there).
+    request's gamma at steered layer `layers[k]` when its vector adds, `target[k, row]`
+    the component `gamma * |SV|` it sets when its vector projects (0 = not steered there).
 
     Gated rows (mode `auto`) get their verdict from the harm probe, on the device, in the
     forward that holds their last prompt token, over the prompt positions `[read_start,
@@ -48,8 +49,10 @@ class BatchState:
 
         self._host = {
             "scale": host((num_slots, max_rows), torch.float32),
+            "target": host((num_slots, max_rows), torch.float32),
             "vector_id": host((max_rows,), torch.int64),
             "prompt_len": host((max_rows,), torch.int64),
+            "steer_tokens": host((max_rows,), torch.int64),
             "lam": host((max_rows,), torch.float32),
             "mixes": host((max_rows,), torch.bool),
             "gated": host((max_rows,), torch.bool),
@@ -58,6 +61,7 @@ class BatchState:
         }
         self._device = {k: v.to(device, copy=True) for k, v in self._host.items()}
         self.vector_table = vectors.table.to(device)
+        self.unit_table = vectors.units.to(device)
         self._dirty = False
         # One spare slot past the rows: the probe scatters the rows it does not decide
         # into it, so it never needs a data-dependent shape.
@@ -79,12 +83,22 @@ class BatchState:
         return self._device["scale"]
 
     @property
+    def target(self) -> torch.Tensor:
+        return self._device["target"]
+
+    @property
     def vector_id(self) -> torch.Tensor:
         return self._device["vector_id"]
 
     @property
     def prompt_len(self) -> torch.Tensor:
         return self._device["prompt_len"]
+
+    @property
+    def steer_tokens(self) -> torch.Tensor:
+        """Device `[max_rows]`: how many positions a row is steered at, from where its
+        steering starts (`NEVER`: all of them)."""
+        return self._device["steer_tokens"]
 
     @property
     def lam(self) -> torch.Tensor:
@@ -189,12 +203,14 @@ class BatchState:
         entry, taken = self.vectors.stage(name, where, vector, sha256)
         if taken:
             self.vector_table[entry.index].copy_(self.vectors.table[entry.index])
+            self.unit_table[entry.index].copy_(self.vectors.units[entry.index])
         return taken
 
     def unstage_vector(self, sha256: str) -> None:
         index = self.vectors.by_sha256[sha256].index
         self.vectors.unstage(sha256)
         self.vector_table[index].zero_()
+        self.unit_table[index].zero_()
 
     def set_row(self, row: int, settings: RequestSettings, prompt_len: int,
                 vector_sha256: str | None = None,
@@ -209,8 +225,11 @@ class BatchState:
         if settings.mode.steers:
             entry = self.vectors.entry(settings.vector, vector_sha256)
             gamma = entry.gamma if settings.gamma is None else settings.gamma
-            h["scale"][self.layer_slot[entry.layer], row] = gamma
+            strength, value = ("target", gamma * entry.norm) if entry.projects else ("scale", gamma)
+            for layer in entry.layers:
+                h[strength][self.layer_slot[layer], row] = value
             h["vector_id"][row] = entry.index
+            h["steer_tokens"][row] = entry.answer_tokens or NEVER
         if settings.mode.mixes:
             h["mixes"][row] = True
             h["lam"][row] = settings.lam

@@ -59,8 +59,9 @@ def install_into_worker(worker, config: SafeInferConfig) -> None:
     )
     for name, entry in sorted(state.vectors.entries.items()):
         logger.info(
-            "SafeInfer vector %r: layer %d, default gamma %g, relative dose gamma*|SV|/|h| %s",
-            name, entry.layer, entry.gamma,
+            "SafeInfer vector %r: %s at layers %s, default gamma %g, relative dose "
+            "gamma*|SV|/|h| %s", name, entry.describe()["steering"], list(entry.layers),
+            entry.gamma,
             "unknown (the file records no residual norm)" if entry.dose is None
             else f"{entry.dose:.3g}",
         )

@@ -8,18 +8,22 @@ degenerate than `off`'s, within a budget; `calibration_choice` reads and chooses
 points).
 
 Steering strengths are chosen by relative dose (`gamma * |SV| / |h|`, recorded in the
-vector file), so one grid fits a vector 1.6x its residual norm and one 1.1x. The sweep
-runs in two stages in the same engine: a coarse one (`off`, SA over the doses, sGDS over
-the lams), then a fine one around what fit (SA between the strongest fitting dose and
-the next, SafeInfer at those doses with the strongest fitting lams), so no budget is
-spent crossing strengths already known to break the budgets.
+vector file; for a projecting vector the dose is the target component over the residual
+norm), so one grid fits a vector 1.6x its residual norm and one 1.1x. Strengths must be
+positive: gamma 0 and lam 0 are `off`. The sweep runs in stages in the same engine: a
+coarse one (`off`, SA over the doses, sGDS over the lams), then a fine one around what
+fit (SA between the best fitting dose and the next, SafeInfer at those doses with the
+strongest fitting lams), so no budget is spent crossing strengths already known to
+break the budgets. No point whose attack success is not below `off`'s is ever chosen.
 
-With a harm probe configured, a third stage runs mode `auto` once, to read the engine's
-probe score of every calibration prompt. A gated request's answer is its defence's
-answer when flagged at its prompt and `off`'s otherwise, so every defended point of the
-sweep is also scored at every threshold between two prompts' scores without generating
-again, and the threshold is chosen with the strengths: benign prompts the probe lets
-through no longer pay for a strong defence. A probe's answer monitor is not simulated:
+With a harm probe configured, a gate stage runs mode `auto` once, before the fine stage,
+to read the engine's probe score of every calibration prompt. A gated request's answer
+is its defence's answer when flagged at its prompt and `off`'s otherwise, so every
+defended point of the sweep is also scored at every threshold between two prompts'
+scores without generating again, and the threshold is chosen with the strengths: benign
+prompts the probe lets through no longer pay for a strong defence. What fits is then
+judged gated, so the fine stage refines (and tries SafeInfer) where the gate makes room,
+even when no dose fits ungated. A probe's answer monitor is not simulated:
 it can only add a (steering) defence to answers the prompt gate let through, and what
 it does is measured by the evaluation that follows, not chosen here.
 """
@@ -97,22 +101,37 @@ def coarse_points(config: SafeInferConfig, gammas: Sequence[float],
     return plan_points(modes, {"gamma": tuple(sorted(gammas)), "lam": tuple(sorted(lams))})
 
 
+def check_strengths(gammas: Sequence[float] | None, lams: Sequence[float]) -> None:
+    """A calibration grid of defences: every gamma and lam positive (0 is `off`; a
+    negative gamma steers away from safety)."""
+    for name, values in (("--gammas", gammas or ()), ("--lams", lams)):
+        bad = [v for v in values if not v > 0]
+        if bad:
+            raise ValueError(f"{name} must all be > 0 (0 defends nothing: it is `off`), got "
+                             f"{', '.join(map(repr, bad))}")
+
+
 def fine_points(table: Sequence[Candidate], gammas: Sequence[float],
                 can_mix: bool) -> tuple[Point, ...]:
-    """After the coarse stage: SA at the geometric middle between the strongest fitting
-    gamma and the next one tried, and SafeInfer at those two gammas with the strongest
-    fitting lams. Nothing where SA fits nowhere."""
-    fitting = sorted(c.gamma for c in table if c.mode == Mode.SA.value and c.eligible)
+    """After the coarse stage: SA at the geometric middle between the best fitting gamma
+    (the lowest ASR; ties: the strongest) and the next one tried, and SafeInfer at those
+    two gammas with the strongest fitting lams. A point fits ungated or, where `table`
+    holds gated candidates, gated at some threshold (where a stronger dose fits only at
+    a threshold that flags fewer prompts, the best is not the strongest). Nothing where
+    SA fits nowhere."""
+    fitting = [c for c in table
+               if c.mode.removeprefix("auto:") == Mode.SA.value and c.eligible]
     if not fitting:
         return ()
-    top = fitting[-1]
+    top = min(fitting, key=lambda c: (c.asr, -c.gamma)).gamma
     steer = [top]
     above = [g for g in sorted(gammas) if g > top]
     if above:
         steer.append(float(f"{math.sqrt(top * above[0]):.{GAMMA_DIGITS}g}"))
     points = [Point(Mode.SA.value, gamma=g) for g in steer[1:]]
     if can_mix:
-        lams = sorted(c.lam for c in table if c.mode == Mode.SGDS.value and c.eligible)
+        lams = sorted({c.lam for c in table
+                       if c.mode.removeprefix("auto:") == Mode.SGDS.value and c.eligible})
         points += [Point(Mode.SAFEINFER.value, gamma=g, lam=lam)
                    for g in steer for lam in lams[-FINE_LAMS:]]
     return tuple(points)
@@ -153,6 +172,7 @@ def calibrate(*, model: str, safeinfer: Mapping[str, Any], make_backend: Callabl
     config = SafeInferConfig.from_dict(safeinfer)
     if config.default_vector is None:
         raise ValueError("calibration needs a safety vector")
+    check_strengths(gammas, lams)
     grid = tuple(sorted(set(gammas))) if gammas else dose_gammas(
         config.vectors[config.default_vector], doses)
     backend: list[Backend] = []
@@ -169,20 +189,24 @@ def calibrate(*, model: str, safeinfer: Mapping[str, Any], make_backend: Callabl
         return run_harmeval(settings, shared_backend, [KeywordJudge(), XSTestJudge()],
                             report_dir / name, resume=resume, progress=progress)
 
-    summary = stage(COARSE, coarse_points(config, grid, lams))
-    table = candidates(summary, over_refusal_budget, degeneration_budget)
-    fine = fine_points(table, grid, config.has_expert)
-    if fine:
-        more = stage(FINE, fine)
-        table = candidates({"points": summary["points"] + more["points"]},
-                           over_refusal_budget, degeneration_budget)
+    def judged(points: list[dict[str, Any]], stages: Sequence[str]) -> list[Candidate]:
+        table = candidates({"points": points}, over_refusal_budget, degeneration_budget)
+        if scores is None:
+            return table
+        records = [r for name in stages for r in read_records(report_dir / name)]
+        return table + gated_candidates(table, records, scores, over_refusal_budget,
+                                        degeneration_budget)
+
+    points = stage(COARSE, coarse_points(config, grid, lams))["points"]
+    scores = None
     if config.probe is not None:
         stage(GATE, (Point(Mode.AUTO.value),))
         scores = probe_scores(report_dir / GATE)
-        records = [r for name in (COARSE, FINE) if (report_dir / name).exists()
-                   for r in read_records(report_dir / name)]
-        table = table + gated_candidates(table, records, scores, over_refusal_budget,
-                                         degeneration_budget)
+    table = judged(points, (COARSE,))
+    fine = fine_points(table, grid, config.has_expert)
+    if fine:
+        points = points + stage(FINE, fine)["points"]
+        table = judged(points, (COARSE, FINE))
     chosen = choose(table)
     chosen_config = written_config(safeinfer, table, chosen)
     write_atomically(report_dir / REPORT, _markdown(
@@ -215,20 +239,23 @@ def _markdown(model: str, chosen: Candidate | None, table: Sequence[Candidate],
                else "**No defended point fits the budgets**: nothing to serve but `off`.")
     lines = [f"# Calibration: {model}", "",
              f"{verdict} Prompts: {HARMFUL} and {SAFE} (disjoint from every evaluation "
-             f"set), {max_tokens} new tokens, greedy. Budgets: over-refusal within "
-             f"{over_refusal_budget:g} points of off's, degenerate safe answers within "
-             f"{degeneration_budget:g} points of off's. The chosen point is the defended "
-             "one with the lowest ASR among those within both (ties: the lower dose, then "
-             "the lower lam). Relative dose: `gamma * |SV| / |h|`.", "",
-             "| stage | point | relative dose | ASR % (keyword) | over-refusal % (XSTest) | "
-             "degenerate safe answers % | within budget |", "|---|---|---|---|---|---|---|"]
+             f"set), {max_tokens} new tokens, greedy. A defence must lower the ASR below "
+             f"off's. Budgets: over-refusal within {over_refusal_budget:g} points of off's, "
+             f"degenerate answers (safe prompts, and harmful ones: a loop is no refusal) "
+             f"within {degeneration_budget:g} points of off's. The chosen point is the "
+             "defended one with the lowest ASR among those that fit (ties: the lower dose, "
+             "then the lower lam). Relative dose: `gamma * |SV| / |h|`.", "",
+             "| stage | point | relative dose | ASR % (keyword) | degenerate harmful answers "
+             "% | over-refusal % (XSTest) | degenerate safe answers % | fits |",
+             "|---|---|---|---|---|---|---|---|"]
     ungated = [c for c in table if c.threshold is None]
     gated = [c for c in table if c.threshold is not None]
     for c in ungated:
         mark = "**chosen**" if c == chosen else ("yes" if c.eligible else f"no: {c.why_not}")
         dose = "-" if c.relative_dose is None else f"{c.relative_dose:.3g}"
         lines.append(f"| {FINE if c.point in fine else COARSE} | {c.point} | {dose} | "
-                     f"{c.asr:.1f} | {c.over_refusal:.1f} | {c.benign_degenerate:.1f} | {mark} |")
+                     f"{c.asr:.1f} | {c.harmful_degenerate:.1f} | {c.over_refusal:.1f} | "
+                     f"{c.benign_degenerate:.1f} | {mark} |")
     lines.append("")
     if gated:
         best = {}
@@ -240,12 +267,13 @@ def _markdown(model: str, chosen: Candidate | None, table: Sequence[Candidate],
                   f"threshold with the lowest ASR within the budgets ({len(gated)} "
                   "(point, threshold) pairs scored from the probe scores of the gate stage "
                   "and the answers above).", "",
-                  "| point | threshold | safe prompts flagged % | ASR % | over-refusal % | "
-                  "degenerate safe answers % | |", "|---|---|---|---|---|---|---|"]
+                  "| point | threshold | safe prompts flagged % | ASR % | degenerate harmful "
+                  "answers % | over-refusal % | degenerate safe answers % | |",
+                  "|---|---|---|---|---|---|---|---|"]
         for c in sorted(best.values(), key=lambda c: (c.asr, c.point)):
             lines.append(f"| {c.point} | {c.threshold:.4g} | {c.flagged_safe:.1f} | "
-                         f"{c.asr:.1f} | {c.over_refusal:.1f} | {c.benign_degenerate:.1f} | "
-                         f"{'**chosen**' if c == chosen else ''} |")
+                         f"{c.asr:.1f} | {c.harmful_degenerate:.1f} | {c.over_refusal:.1f} | "
+                         f"{c.benign_degenerate:.1f} | {'**chosen**' if c == chosen else ''} |")
         lines.append("")
     for stage in (COARSE, FINE) if fine else (COARSE,):
         lines += [f"![{stage} stage: ASR against over-refusal]({stage}/sweep.png)", ""]
@@ -262,6 +290,7 @@ def calibrate_command(args: argparse.Namespace, parser: argparse.ArgumentParser)
     if args.probe:
         safeinfer["probe"] = args.probe
     try:
+        check_strengths(args.gammas, args.lams or DEFAULT_LAMS)
         if args.expert:
             safeinfer["expert_model"] = resolve_project_model(args.expert)
         sweep = parse_sweep([f"lam={','.join(map(repr, args.lams or DEFAULT_LAMS))}"]

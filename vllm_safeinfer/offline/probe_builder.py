@@ -89,7 +89,7 @@ def model_fingerprint_of(name_or_path: str, model: nn.Module) -> str:
 
 
 def vector_layer_for(vector_path: str, model: nn.Module, fingerprint: str) -> int:
-    """The steering layer of a safety vector made for this model; a vector of another
+    """The first layer a safety vector made for this model steers; a vector of another
     shape or of other weights is refused."""
     from vllm_safeinfer.common.model_identity import SCHEME, fingerprint_scheme
     from vllm_safeinfer.common.vectors import SafetyVector
@@ -103,7 +103,7 @@ def vector_layer_for(vector_path: str, model: nn.Module, fingerprint: str) -> in
     if recorded and fingerprint_scheme(recorded) == SCHEME and recorded != fingerprint:
         raise ValueError(f"{vector_path} was built for {vector.model!r}, whose weights differ "
                          "from this model's")
-    return vector.layer
+    return min(vector.layers)
 
 
 def build_probe_file(model_name: str, out: str, *, max_layer: int | None = None,

@@ -18,6 +18,8 @@ import torch
 from vllm_safeinfer.common.mixing import safeinfer_mix
 from vllm_safeinfer.common.modes import Mode
 from vllm_safeinfer.common.probe import HarmProbe
+from vllm_safeinfer.common.vector_table import unit_rows
+from vllm_safeinfer.common.vectors import SafetyVector
 from vllm_safeinfer.offline.hf import left_pad, load_causal_lm, load_model, pad_id, positions
 
 
@@ -25,10 +27,12 @@ from vllm_safeinfer.offline.hf import left_pad, load_causal_lm, load_model, pad_
 class RowSettings:
     """One request's SafeInfer settings.
 
-    `vector` ([hidden], fp32) is added, times `gamma`, to the OUTPUT hidden state of decoder
-    layer `layer` when the mode steers; `lam` weighs the expert when the mode mixes.
-    `gated` (mode `auto`): the row runs `mode` only if the harm probe flags its prompt,
-    else `off`.
+    `vector` ([hidden], fp32) steers the OUTPUT hidden state of decoder layer `layer` (or
+    of each of `layers`) when the mode steers: added times `gamma`, or, with `projects`,
+    the hidden state's component along it set to `gamma * |vector|`; at every position
+    from where steering starts, or its first `answer_tokens` (0: all). `lam` weighs the
+    expert when the mode mixes. `gated` (mode `auto`): the row runs `mode` only if the
+    harm probe flags its prompt, else `off`.
     """
 
     mode: Mode = Mode.OFF
@@ -37,11 +41,29 @@ class RowSettings:
     gamma: float = 0.0
     lam: float = 0.99
     gated: bool = False
+    layers: tuple[int, ...] = ()
+    projects: bool = False
+    answer_tokens: int = 0
+
+    @classmethod
+    def steering_with(cls, mode: Mode | str, vector: SafetyVector, gamma: float | None = None,
+                      **kwargs) -> RowSettings:
+        """A row steered with a vector file as the server steers with it (its layers, its
+        kind, its gamma unless given)."""
+        return cls(mode, vector=vector.vector, layers=vector.layers, projects=vector.projects,
+                   answer_tokens=vector.answer_tokens,
+                   gamma=vector.gamma if gamma is None else gamma, **kwargs)
+
+    @property
+    def steered_layers(self) -> tuple[int, ...]:
+        return self.layers or (() if self.layer is None else (self.layer,))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", Mode.parse(self.mode))
-        if self.mode.steers and (self.vector is None or self.layer is None):
+        if self.mode.steers and (self.vector is None or not self.steered_layers):
             raise ValueError(f"mode {self.mode.value!r} needs a steering vector and a layer")
+        if self.layer is not None and self.layers:
+            raise ValueError("give a row's steered layer as `layer` or `layers`, not both")
         if self.vector is not None and self.vector.dim() != 1:
             raise ValueError(f"steering vector must be 1-D; got {tuple(self.vector.shape)}")
         if not 0.0 <= self.lam < 1.0:
@@ -135,12 +157,18 @@ class SafeInferReference:
         gate = _Gate(probe, threshold, prompts, [r.gated for r in rows], done, device)
         tokens: list[torch.Tensor] = []
         cache = expert_cache = None
-        handles = [*gate.install(self.model), *self._install_steering(rows, gate.active,
+        # Positions each row has been steered at; a row with a window stops at its end.
+        steered = torch.zeros(batch, dtype=torch.long, device=device)
+        window = torch.tensor([r.answer_tokens or max_new_tokens + 1 for r in rows],
+                              device=device)
+        steering = _Steering(gate, steered, window)
+        handles = [*gate.install(self.model), *self._install_steering(rows, steering,
                                                                       device)]
         try:
             for _ in range(max_new_tokens):
                 position_ids = positions(mask)[:, -ids.shape[1] :]
                 scores, cache = _last_logits(self.model, ids, mask, position_ids, cache)
+                steered += steering.active().long()
                 if len(mix_rows):
                     expert_logits, expert_cache = _last_logits(
                         self.expert, ids, mask, position_ids, expert_cache
@@ -205,43 +233,67 @@ class SafeInferReference:
         hidden = self.model.config.hidden_size
         for r in rows:
             if r.mode.steers:
-                if not 0 <= r.layer < layers:
-                    raise ValueError(f"layer {r.layer} out of range 0..{layers - 1}")
+                if not all(0 <= layer < layers for layer in r.steered_layers):
+                    raise ValueError(f"layers {list(r.steered_layers)} out of range "
+                                     f"0..{layers - 1}")
                 if r.vector.numel() != hidden:
                     raise ValueError(f"vector has {r.vector.numel()} entries, hidden is {hidden}")
         return rows
 
-    def _install_steering(self, rows: list[RowSettings], active: torch.Tensor,
+    def _install_steering(self, rows: list[RowSettings], active: _Steering,
                           device: torch.device) -> list:
         """One forward hook per steered layer. With left padding, the last column of every
         forward is each row's last prompt token (prefill) or its newest token (decode):
         exactly the positions SA steers, in the rows `active` holds (gated rows once
-        flagged, in the very forward that flags them)."""
+        flagged, in the very forward that flags them; rows with a window until it ends)."""
         by_layer: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
             if r.mode.steers:
-                by_layer.setdefault(r.layer, []).append(i)
+                for layer in r.steered_layers:
+                    by_layer.setdefault(layer, []).append(i)
         handles = []
         for layer, idx in by_layer.items():
-            delta = torch.stack(
-                [rows[i].gamma * rows[i].vector.to(device, torch.float32) for i in idx]
-            )
-            hook = _steer_hook(torch.tensor(idx, device=device), delta, active)
+            vectors = torch.stack([rows[i].vector.to(device, torch.float32) for i in idx])
+            gammas = torch.tensor([rows[i].gamma for i in idx], device=device)
+            projects = torch.tensor([rows[i].projects for i in idx], device=device)
+            # A projection's target as the engine computes it: gamma * |SV| in doubles.
+            targets = torch.tensor([rows[i].gamma * float(rows[i].vector.float().norm())
+                                    for i in idx], device=device)
+            hook = _steer_hook(torch.tensor(idx, device=device), gammas[:, None] * vectors,
+                               unit_rows(vectors), torch.where(projects, targets, 0.0),
+                               projects, active)
             handles.append(self.model.model.layers[layer].register_forward_hook(hook))
         return handles
 
 
-def _steer_hook(rows: torch.Tensor, delta: torch.Tensor, active: torch.Tensor):
-    """Add `delta[j]` to row `rows[j]`'s last-column hidden state where `active` holds, in
-    fp32 then cast back (as vLLM does). Decoder layers return a tensor in transformers 5,
-    a tuple before."""
+class _Steering:
+    """Which rows are steered in the current forward: those the gate has made active
+    (ungated rows from the start), within their window of positions."""
+
+    def __init__(self, gate: _Gate, steered: torch.Tensor, window: torch.Tensor) -> None:
+        self.gate, self.steered, self.window = gate, steered, window
+
+    def active(self) -> torch.Tensor:
+        return self.gate.active & (self.steered < self.window)
+
+
+def _steer_hook(rows: torch.Tensor, delta: torch.Tensor, units: torch.Tensor,
+                targets: torch.Tensor, projects: torch.Tensor, active: _Steering):
+    """Steer row `rows[j]`'s last-column hidden state where `active` holds: add
+    `delta[j]`, or where `projects[j]` set its component along `units[j]` to
+    `targets[j]` (a zero target leaves it), in fp32 then cast back (as vLLM does).
+    Decoder layers return a tensor in transformers 5, a tuple before."""
 
     def hook(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
         last = torch.full_like(rows, hidden.shape[1] - 1)
         current = hidden[rows, last]
-        steered = (current.float() + delta).to(hidden.dtype)
-        steered = torch.where(active[rows][:, None], steered, current)
+        exact = current.float()
+        along = (exact * units).sum(dim=-1)
+        projected = exact + (targets - along)[:, None] * units
+        steered = torch.where(projects[:, None], projected, exact + delta).to(hidden.dtype)
+        on = active.active()[rows] & (~projects | (targets != 0))
+        steered = torch.where(on[:, None], steered, current)
         hidden = hidden.index_put((rows, last), steered)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 

@@ -6,6 +6,7 @@ file."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from vllm_safeinfer.common.vectors import (
     SafetyVector,
     bundled_vector_path,
     parse_heads,
+    parse_layers,
 )
 from vllm_safeinfer.offline.demonstrations import (
     Demonstration,
@@ -194,11 +196,43 @@ def vector_bundled_command(args: argparse.Namespace, parser: argparse.ArgumentPa
     return 0
 
 
+def convert_vector(vector: SafetyVector, steering: str, layers: tuple[int, ...] | None = None,
+                   gamma: float | None = None, answer_tokens: int | None = None
+                   ) -> SafetyVector:
+    """`vector` steering by `steering` at `layers`, for `answer_tokens` positions, with
+    default strength `gamma` (each left out: its own); direction, provenance and residual
+    norm kept."""
+    changes = {key: value for key, value in (("layers", layers), ("gamma", gamma),
+                                             ("answer_tokens", answer_tokens))
+               if value is not None}
+    return dataclasses.replace(vector, steering=steering, source=None, **changes)
+
+
+def _vector_file(name: str) -> Path:
+    """A vector file's path, or a project model's bundled vector."""
+    return Path(name) if Path(name).exists() else bundled_vector_path(name)
+
+
+def vector_convert_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`safeinfer vector convert`: a copy that steers another way or at other layers."""
+    try:
+        vector = convert_vector(SafetyVector.load(_vector_file(args.file)), args.steering,
+                                None if args.layers is None else parse_layers(args.layers),
+                                args.gamma, args.answer_tokens)
+    except (OSError, ValueError) as err:
+        parser.error(str(err))
+    vector.save(args.out)
+    window = f"the first {vector.answer_tokens}" if vector.answer_tokens else "all"
+    print(f"{args.out}: {vector.steering} at layers {list(vector.layers)}, {window} answer "
+          f"positions, gamma {vector.gamma:g}, relative dose {vector.relative_dose()}")
+    return 0
+
+
 def vector_inspect_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """`safeinfer vector inspect`: a vector file's (or a bundled vector's) metadata, norm
     and relative dose."""
     try:
-        path = args.file if Path(args.file).exists() else bundled_vector_path(args.file)
+        path = _vector_file(args.file)
         print(f"file: {path}\n{SafetyVector.load(path).describe()}")
     except (OSError, ValueError) as err:
         parser.error(str(err))

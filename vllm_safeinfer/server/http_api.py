@@ -68,9 +68,7 @@ def describe(config: SafeInferConfig | None, table: VectorTable | None) -> dict[
                  "monitor_threshold": loaded.monitor_threshold}
     return {
         "configured": True,
-        "vectors": {name: {"layer": entry.layer, "default_gamma": entry.gamma,
-                           "relative_dose": entry.dose}
-                    for name, entry in sorted(table.entries.items())},
+        "vectors": {name: entry.describe() for name, entry in sorted(table.entries.items())},
         "default_vector": config.default_vector,
         "expert": None if config.expert_model is None else Path(config.expert_model).name,
         "expert_dtype": config.expert_dtype,

@@ -79,7 +79,7 @@ class Publisher:
             self.versions[name] = self.versions.get(name, 0) + 1
         return config.with_vector(name, where), {
             "name": name, "version": self.versions[name], "sha256": sha256,
-            "layer": entry.layer, "default_gamma": entry.gamma, "relative_dose": entry.dose}
+            **entry.describe()}
 
     async def _run_everywhere(self, engine, name: str, where: str, data: bytes,
                               sha256: str) -> None:
