@@ -51,11 +51,14 @@ demo: install
 # the harm probe and the ablate expert built (cached by what made them), strengths and
 # threshold calibrated (exit 1 when nothing fits), HarmEval at the chosen point on every
 # harmful and safe evaluation set and in three prompt styles, in safeinfer-evidence/.
-# EVIDENCE_ARGS=--compare-recipes builds and compares every expert recipe.
+# The defence is the refusal direction projected for an answer's first 4 positions (the
+# one that refuses without looping, docs/expert-and-calibration.md). EVIDENCE_ARGS=
+# --compare-recipes builds and compares every expert recipe.
 evidence: export VLLM_CPU_OMP_THREADS_BIND ?= nobind
 evidence: export VLLM_CPU_KVCACHE_SPACE = 2
 evidence: install
-	$(BIN)/safeinfer evidence --model qwen2.5-coder-0.5b-instruct $(EVIDENCE_ARGS)
+	$(BIN)/safeinfer evidence --model qwen2.5-coder-0.5b-instruct \
+		--vector-method refusal-direction --steering project --answer-tokens 4 $(EVIDENCE_ARGS)
 
 # HarmEval on the embedded SmolLM2 with its bundled safety vector: ASR by category and
 # mode, over-refusal, degeneration and the gamma sweep's chart, in $(HARMEVAL_OUT)/.

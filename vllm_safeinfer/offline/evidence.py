@@ -296,8 +296,12 @@ def run_evidence(settings: EvidenceSettings, out: Path,
     if settings.gate:
         cached_step("harm probe", paths.probe, lambda: in_child(
             build_probe, settings.model, paths.steered, paths.probe, settings.limit))
-    evaluation_prompts = [item.prompt for item in sample_items(HarmEvalSettings(
-        model=model, datasets=EVALUATION_SETS, points=(), limit=settings.limit))[0]]
+    evaluation_prompts = [
+        item.prompt for datasets, style in ((EVALUATION_SETS, SIMPLE),
+                                            *((STYLED_SETS, style) for style in STYLES))
+        for item in sample_items(HarmEvalSettings(
+            model=model, datasets=datasets, points=(), limit=settings.limit,
+            prompt_style=style))[0]]
     engine_args = sized_engine_args(
         model, calibration_prompts(settings.calibration_limit) + evaluation_prompts,
         settings.max_tokens, settings.engine_args)
