@@ -11,12 +11,14 @@ steer_tokens[s]) and target[s] != 0:
                                                       layers return it in two parts)
     hidden[t] += (target[s] - x . u) * u             (fp32 dot and update, one rounding)
 
-in place, so the stream's component along u becomes target[s]. A strong add pushes the component far past anything the model has seen and
-the text loops; setting it holds it at a calibrated value at every steered token and
-layer (directional patching), so the answer stays language. Target 0 means "not
-projected" (as gamma 0 means "not added"): a request cannot ablate the direction.
-Same launch discipline as `steer.py`: device tensors only, no host sync, CUDA-graph
-capturable, padding tokens and unprojected rows left bit-for-bit untouched.
+in place, so the stream's component along u becomes target[s]. A strong add pushes
+the component far past anything the model has seen and the text loops; setting it
+holds it at a calibrated value at every steered token and layer (directional
+patching), and a window of the answer's first positions (steer_tokens) lets the model
+finish the refusal it began on its own. Target 0 means "not projected" (as gamma 0
+means "not added"): a request cannot ablate the direction. Same launch discipline as
+`steer.py`: device tensors only, no host sync, CUDA-graph capturable, padding tokens
+and unprojected rows left bit-for-bit untouched.
 """
 import torch
 import triton

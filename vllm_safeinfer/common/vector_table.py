@@ -33,10 +33,11 @@ RELOAD_SLOTS = 16
 @dataclass(frozen=True)
 class LoadedVector:
     """A vector's row in the table, the layers it steers and how (`projects`: target
-    projection, else an add; `answer_tokens`: how many positions, 0 for all), its norm `|SV|` (a projection's target is `gamma * |SV|`),
-    its default strength, that strength's relative dose `gamma * |SV| / |h|` (None when
-    the file does not record the residual norm, or when the config moves the vector off
-    the layer it was measured at) and the sha256 of its file (its identity)."""
+    projection, else an add; `answer_tokens`: how many positions, 0 for all), its norm
+    `|SV|` (a projection's target is `gamma * |SV|`), its default strength, that
+    strength's relative dose `gamma * |SV| / |h|` (None when the file does not record the
+    residual norm, or when the config moves the vector off the layer it was measured at)
+    and the sha256 of its file (its identity)."""
 
     index: int
     layers: tuple[int, ...]

@@ -118,10 +118,12 @@ def artefacts(settings: EvidenceSettings) -> Artefacts:
         steered_key = artefact_key("vector", model_id, {
             "from": vector_key, "steering": settings.steering,
             "layers": list(settings.steering_layers), "answer_tokens": settings.answer_tokens})
-        steered = cache / f"vector-{settings.vector_method}-{settings.steering}-{steered_key}.safetensors"
+        steered = (cache / f"vector-{settings.vector_method}-{settings.steering}-"
+                   f"{steered_key}.safetensors")
     probe_key = artefact_key("probe", model_id, {"vector": steered.name,
                                                  "eval_limit": settings.limit})
-    experts = {recipe: cache / f"expert-{recipe}-{artefact_key('expert', model_id, {'recipe': recipe})}"
+    experts = {recipe: cache / f"expert-{recipe}-"
+                              f"{artefact_key('expert', model_id, {'recipe': recipe})}"
                for recipe in settings.recipes}
     return Artefacts(vector, steered, cache / f"probe-{probe_key}.safetensors", experts)
 
@@ -236,8 +238,9 @@ def goals(summary: Mapping[str, Any], styled: Mapping[str, Mapping[str, Any]]
         degenerate = max(by_mode[head][d]["degenerate_pct"] for d in sets)
         rows.append({"goal": f"{head}: no degenerate answer to a {kind} prompt (worst set, %)",
                      "measured": degenerate, "met": degenerate == 0})
-    rows += [{"goal": f"sgds ASR <= off's - {GOAL_SGDS_DROP:g} on {d} ({asr(by_mode['off'], d):g} - "
-                      f"{GOAL_SGDS_DROP:g})", "measured": asr(by_mode["sgds"], d),
+    rows += [{"goal": f"sgds ASR <= off's - {GOAL_SGDS_DROP:g} on {d} "
+                      f"({asr(by_mode['off'], d):g} - {GOAL_SGDS_DROP:g})",
+              "measured": asr(by_mode["sgds"], d),
               "met": asr(by_mode["sgds"], d) <= asr(by_mode["off"], d) - GOAL_SGDS_DROP}
              for d in STYLED_SETS]
     return rows
