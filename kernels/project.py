@@ -82,8 +82,8 @@ def _project_kernel(
                           SEARCH_STEPS, HAS_SLOT_MAPPING)
         goal = tl.load(target_ptr + slot).to(tl.float32)
         position = tl.load(positions_ptr + token)
-        start = tl.load(prompt_len_ptr + slot) - 1
-        in_window = (position >= start) & (position < start + tl.load(steer_tokens_ptr + slot))
+        first = tl.load(prompt_len_ptr + slot) - 1
+        in_window = (position >= first) & (position < first + tl.load(steer_tokens_ptr + slot))
         if in_window & (goal != 0.0):
             unit = units_ptr + tl.load(vector_id_ptr + slot).to(tl.int64) * units_stride
             row_ptr = hidden_ptr + token.to(tl.int64) * hidden_stride

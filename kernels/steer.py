@@ -112,8 +112,8 @@ def _steer_kernel(
                           SEARCH_STEPS, HAS_SLOT_MAPPING)
         coef = tl.load(scale_ptr + slot).to(tl.float32)
         position = tl.load(positions_ptr + token)
-        start = tl.load(prompt_len_ptr + slot) - 1
-        in_window = (position >= start) & (position < start + tl.load(steer_tokens_ptr + slot))
+        first = tl.load(prompt_len_ptr + slot) - 1
+        in_window = (position >= first) & (position < first + tl.load(steer_tokens_ptr + slot))
         if in_window & (coef != 0.0):
             vector = vectors_ptr + tl.load(vector_id_ptr + slot).to(tl.int64) * vectors_stride
             row_ptr = hidden_ptr + token.to(tl.int64) * hidden_stride
