@@ -54,7 +54,7 @@ def _engine_process(conn, kind: str, modes: list[str], settings: dict) -> None:
 
     safeinfer = {"vector": settings["vector"]}
     if kind == "mix":
-        safeinfer["expert_model"] = settings["expert"]
+        safeinfer.update(settings["expert_config"])
     batch_size = settings["batch_size"]
     llm = LLM(model=settings["model"], dtype=settings["dtype"], block_size=32, seed=0,
               max_model_len=settings["max_model_len"], enable_prefix_caching=False,
@@ -131,7 +131,8 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(subjects.model)
         prompt = chat_prompt_ids(tokenizer, [advbench_split().evaluation[0].goal])[0]
         settings = {"model": subjects.model, "vector": subjects.vector,
-                    "expert": subjects.expert, "batch_size": args.batch_size, "dtype": args.dtype,
+                    "expert": subjects.expert, "expert_config": subjects.expert_config(),
+                    "batch_size": args.batch_size, "dtype": args.dtype,
                     "max_model_len": args.max_model_len, "load_format": args.load_format,
                     "eager": args.eager, "output_len": args.output_len, "prompt": prompt,
                     "top": args.top}

@@ -82,6 +82,8 @@ def server_command(mode: str, subjects: Subjects, args: argparse.Namespace,
     safeinfer = ["--safeinfer-vector", subjects.vector, "--safeinfer-mode", mode]
     if mode in EXPERT_MODES:
         safeinfer += ["--safeinfer-expert-model", subjects.expert]
+        if subjects.expert_shares_weights:
+            safeinfer.append("--safeinfer-expert-shares-weights")
     if mode == "auto":
         safeinfer += ["--safeinfer-probe", subjects.probe]
         if args.defence:

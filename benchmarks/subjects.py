@@ -14,6 +14,14 @@ class Subjects:
     expert: str
     vector: str
     probe: str | None = None
+    expert_shares_weights: bool = False
+
+    def expert_config(self) -> dict:
+        """The `safeinfer` config keys that name the expert."""
+        config = {"expert_model": self.expert}
+        if self.expert_shares_weights:
+            config["expert_shares_weights"] = True
+        return config
 
 
 def add_subject_arguments(parser, default_model: str = "smollm2-135m-instruct") -> None:
@@ -21,6 +29,9 @@ def add_subject_arguments(parser, default_model: str = "smollm2-135m-instruct") 
                         help="project model name (`safeinfer models`) or checkpoint path")
     parser.add_argument("--expert", help="expert checkpoint (default: a tiny model's twin, "
                         "else the served model itself: a fine-tuned copy costs the same)")
+    parser.add_argument("--expert-shares-weights", action="store_true",
+                        help="the expert is the model's `ablate` expert, run on the model's "
+                        "own weights with its rows inside the model's forward")
     parser.add_argument("--vector", help="safety vector (default: bundled for SmolLM2, "
                         "else a random one: speed does not depend on its values)")
     parser.add_argument("--probe", help="harm probe for mode auto (default: a random one at "
@@ -68,7 +79,7 @@ def resolve_subjects(args, workdir: Path) -> Subjects:
         vector = _random_vector(model, args.model, workdir / "random.safetensors")
     probe = getattr(args, "probe", None) or _random_probe(model, args.model, vector,
                                                          workdir / "probe.safetensors")
-    return Subjects(model, expert, vector, probe)
+    return Subjects(model, expert, vector, probe, args.expert_shares_weights)
 
 
 def _random_probe(model: str, name: str, vector: str, path: Path) -> str:

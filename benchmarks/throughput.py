@@ -8,6 +8,9 @@ interleaved (repeat by repeat) under the same machine conditions:
   mode off, all in mode sa, half and half;
 - `expert-alone`: the expert model alone in vanilla vLLM (T_expert);
 - `sgds`, `safeinfer`: one engine with the plugin, the vector and the expert;
+- `safeinfer-separate`: with `--expert-shares-weights`, the same expert checkpoint run
+  as a model of its own (its weights loaded, its own forward), to set against
+  `safeinfer`'s rows inside the served model's forward;
 - `hf`: `vllm_safeinfer.offline.reference` (HF transformers, batched) in mode safeinfer.
 
 Any model: limits come from the model (or `--max-model-len`); prompts are the
@@ -41,8 +44,10 @@ from subjects import add_subject_arguments, parse_benchmark_args, resolve_subjec
 ENGINE_OF_MODE = {
     "vanilla": "vanilla", "off": "steer", "sa": "steer", "sa-half": "steer",
     "expert-alone": "expert", "sgds": "mix", "safeinfer": "mix", "hf": "hf",
+    "safeinfer-separate": "mix-separate",
 }
-REQUEST_MODE = {"off": "off", "sa": "sa", "sgds": "sgds", "safeinfer": "safeinfer"}
+REQUEST_MODE = {"off": "off", "sa": "sa", "sgds": "sgds", "safeinfer": "safeinfer",
+                "safeinfer-separate": "safeinfer"}
 
 
 def _prompts(tokenizer, count: int, input_len: int | None) -> list[list[int]]:
@@ -116,9 +121,11 @@ def _vllm_runner(kind: str, model: str, settings: dict, tokenizer):
     from vllm import LLM, SamplingParams
 
     safeinfer = None
-    if kind in ("steer", "mix"):
+    if kind in ("steer", "mix", "mix-separate"):
         safeinfer = {"vector": settings["vector"]}
         if kind == "mix":
+            safeinfer.update(settings["expert_config"])
+        if kind == "mix-separate":
             safeinfer["expert_model"] = settings["expert"]
     # No prefix caching: every mode re-runs the same prompts, and a mode measured after
     # another on the same engine would otherwise skip their prefill.
@@ -168,7 +175,7 @@ def _hf_runner(settings: dict, tokenizer):
 
 QUICK = {"model": "tiny-llama", "batch_sizes": [1, 4], "hf_batch_sizes": [4],
          "max_tokens": 8, "repeats": 2, "settle": 0.2, "eager": True}
-RATIO_MODES = ("off", "sa", "sa-half", "sgds", "safeinfer")
+RATIO_MODES = ("off", "sa", "sa-half", "sgds", "safeinfer", "safeinfer-separate")
 Run = tuple[str, int, int, float, float, float]  # mode, batch, repeat, tok/s, step ms, MB
 
 
@@ -194,7 +201,11 @@ def main() -> None:
     args = parse_benchmark_args(parser, QUICK, "a tiny model, small batches, 2 repeats: "
                                 "checks the pipeline")
     if args.modes is None:
-        args.modes = [m for m in ENGINE_OF_MODE if m != "hf" or args.load_format != "dummy"]
+        args.modes = [m for m in ENGINE_OF_MODE if (m != "hf" or args.load_format != "dummy")
+                      and (m != "safeinfer-separate" or args.expert_shares_weights)]
+    if "safeinfer-separate" in args.modes and not args.expert_shares_weights:
+        parser.error("mode safeinfer-separate compares with an expert sharing the weights: "
+                     "add --expert-shares-weights")
     if "hf" in args.modes and args.load_format == "dummy":
         parser.error("mode hf loads the checkpoint's weights: drop it with --load-format dummy")
 
@@ -203,6 +214,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         subjects = resolve_subjects(args, Path(tmp))
         settings = {"model": subjects.model, "expert": subjects.expert,
+                    "expert_config": subjects.expert_config(),
                     "vector": subjects.vector, "dtype": args.dtype, "eager": args.eager,
                     "max_tokens": args.max_tokens, "batch_sizes": args.batch_sizes,
                     "max_model_len": args.max_model_len, "input_len": args.input_len,

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_safeinfer.kernels.ops import mutating_op
 from vllm_safeinfer.kernels.steer import steered_tokens, token_slot
 
 _MAX_BLOCK_H = 2048
@@ -151,7 +152,7 @@ def project_triton(
     )
 
 
-@torch.library.custom_op("safeinfer::project_", mutates_args=("hidden",))
+@mutating_op("project_", ("hidden",))
 def project_(
     hidden: torch.Tensor,
     residual: torch.Tensor | None,
@@ -172,19 +173,3 @@ def project_(
     elif bool(target.any()):  # on CPU the check is free and spares the [T, H] pass
         project_reference(hidden, residual, positions, query_start_loc, target, vector_id,
                           prompt_len, steer_tokens, units, slot_mapping)
-
-
-@project_.register_fake
-def _project_fake(
-    hidden: torch.Tensor,
-    residual: torch.Tensor | None,
-    positions: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    target: torch.Tensor,
-    vector_id: torch.Tensor,
-    prompt_len: torch.Tensor,
-    steer_tokens: torch.Tensor,
-    units: torch.Tensor,
-    slot_mapping: torch.Tensor | None = None,
-) -> None:
-    return None

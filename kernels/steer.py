@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_safeinfer.kernels.ops import mutating_op
+
 # Widest hidden slice one program touches per loop step; larger rows loop.
 _MAX_BLOCK_H = 2048
 
@@ -169,7 +171,7 @@ def steer_triton(
 
 
 # No argument may be called `mode`: it collides with inductor's redirect_to_mode.
-@torch.library.custom_op("safeinfer::steer_", mutates_args=("hidden",))
+@mutating_op("steer_", ("hidden",))
 def steer_(
     hidden: torch.Tensor,
     positions: torch.Tensor,
@@ -188,18 +190,3 @@ def steer_(
     elif bool(scale.any()):  # on CPU the check is free and spares the [T, H] pass
         steer_reference(hidden, positions, query_start_loc, scale, vector_id, prompt_len,
                         steer_tokens, vectors, slot_mapping)
-
-
-@steer_.register_fake
-def _steer_fake(
-    hidden: torch.Tensor,
-    positions: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    scale: torch.Tensor,
-    vector_id: torch.Tensor,
-    prompt_len: torch.Tensor,
-    steer_tokens: torch.Tensor,
-    vectors: torch.Tensor,
-    slot_mapping: torch.Tensor | None = None,
-) -> None:
-    return None

@@ -23,7 +23,9 @@ ENGINE_DEFAULTS = dict(dtype="float32", max_model_len=512, block_size=32, enforc
 
 @dataclass(frozen=True)
 class TinyAssets:
-    """A tiny model, its expert twin, three unit safety vectors: `a` adds at layer 1 (a
+    """A tiny model, its unsafe expert (tiny Llama: a smaller random twin, run as a model
+    of its own; tiny Qwen2: its `ablate` expert, sharing the served weights, so its rows
+    ride in the served model's forward), three unit safety vectors: `a` adds at layer 1 (a
     file without a residual norm, as written before it was recorded), `b` adds at layer 2
     (residual norm 2.0), `p` projects at layers 1 and 2 (target component 6) for the first
     4 positions of an answer, and a harm probe over layers 0 and 1 (`gating_probe`: random directions,
@@ -35,10 +37,13 @@ class TinyAssets:
     vectors: dict[str, str]
     hidden_size: int
     probe: str
+    expert_shares_weights: bool = False
 
     def safeinfer_config(self, **overrides) -> dict:
         config = {"vectors": self.vectors, "default_vector": "a", "expert_model": self.expert,
                   "probe": self.probe}
+        if self.expert_shares_weights:
+            config["expert_shares_weights"] = True
         config.update(overrides)
         return config
 
@@ -71,8 +76,32 @@ def make_tiny_assets(name: str, folder: Path) -> TinyAssets:
         vectors[vector_name] = str(file)
     probe = folder / f"{name}-probe.safetensors"
     gating_probe(str(path), config).save(probe)
+    if name in SHARED_EXPERT_MODELS:
+        return TinyAssets(str(path), str(ablated_expert(name, folder)), vectors,
+                          config.hidden_size, str(probe), expert_shares_weights=True)
     return TinyAssets(str(path), str(model_path(expert_of(name))), vectors, config.hidden_size,
                       str(probe))
+
+
+SHARED_EXPERT_MODELS = ("tiny-qwen2",)
+
+
+def ablated_expert(name: str, folder: Path) -> Path:
+    """The `ablate` expert of a tiny model (direction found on a few default prompts)."""
+    from vllm_safeinfer.offline.hf import load_model
+    from vllm_safeinfer.offline.refusal import (
+        default_prompts,
+        find_refusal_direction,
+        save_ablated_expert,
+    )
+
+    out = folder / f"{name}-ablated"
+    model, tokenizer = load_model(name)
+    harmful, validation, harmless = default_prompts()
+    found = find_refusal_direction(model, tokenizer, harmful[:16], harmless[:16],
+                                   validation=validation[:4])
+    save_ablated_expert(model, tokenizer, found, out, base_model=name)
+    return out
 
 
 # The tiny probe's chat markers: prompts built as `USER_HEADER + content + CONTENT_SUFFIX`

@@ -160,7 +160,8 @@ def test_llama2_7b_shape_is_a_weightless_llama2_7b(tmp_path):
         model = AutoModelForCausalLM.from_config(config)
     assert sum(p.numel() for p in model.parameters()) == 6_738_415_616
     assert len(AutoTokenizer.from_pretrained(path)) <= config.vocab_size
-    args = argparse.Namespace(model="llama2-7b-shape", expert=None, vector=None)
+    args = argparse.Namespace(model="llama2-7b-shape", expert=None, vector=None,
+                              expert_shares_weights=False)
     subjects = resolve_subjects(args, tmp_path)
     assert subjects.model == subjects.expert == str(path)
     vector = SafetyVector.load(subjects.vector)

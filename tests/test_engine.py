@@ -204,14 +204,15 @@ def test_expert_in_a_lower_precision(engine_pool, tiny_assets):
 
 def test_tensor_parallel_2_is_exact(engine_pool, tiny_assets, references, monkeypatch):
     """TP 2 on this CPU (one core per rank): steering on each rank's replicated hidden
-    state, the expert sharded like the served model; every mode and a mixed batch equal
-    the single-device HF reference."""
+    state, the expert's rows in the served model's sharded forward (tiny Qwen2 shares its
+    weights with its `ablate` expert); every mode and a mixed batch equal the
+    single-device HF reference."""
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    assets = tiny_assets("tiny-llama")
+    assets = tiny_assets("tiny-qwen2")
     llm = engine_pool.get(f"tp2:{assets.model}", lambda: new_llm(
         assets.model, tensor_parallel_size=2,
         additional_config={"safeinfer": assets.safeinfer_config()}))
-    reference = references("tiny-llama")
+    reference = references("tiny-qwen2")
     for case in (Case("sa"), Case("sgds"), Case("safeinfer", vector="b", lam=0.9)):
         got = vllm_generate(llm, PROMPTS, sampling(case))
         assert got == reference_generate(reference, assets, PROMPTS, [case] * len(PROMPTS))

@@ -249,28 +249,56 @@ def test_prefix_cache_identity_of_gated_and_mixing_requests(tiny_assets):
     assert keys({"safeinfer_mode": "auto", "safeinfer_defence": "sa"})[0] == []
 
 
-def test_batch_state_tracks_verdicts_through_row_moves(tiny_assets):
+def test_verdicts_reach_the_host_through_row_moves_without_a_blocking_read(tiny_assets):
+    """Verdicts are copied back as of the forward that took them (rows as they were
+    then), logged once per request by id, and land on the row the request holds now;
+    the answer monitor's flag is logged once; a request gone before its copy landed is
+    still logged."""
+    from vllm_safeinfer.engine.gate_log import GateLog
+    from vllm_safeinfer.engine.verdict_reads import VerdictReads
+
     assets = tiny_assets("tiny-llama")
     config = SafeInferConfig.from_dict(assets.safeinfer_config())
     state = BatchState(VectorTable(config, _ModelConfig(assets.hidden_size, 4)), 4,
                        torch.device("cpu"), False)
-    state.gating = True
+    state.gating = state.monitoring = True
+    log = GateLog()
+    reads = VerdictReads(state, log, pin_memory=False)
     gated = RequestSettings(Mode.SGDS, lam=0.5, gated=True)
-    state.set_row(0, gated, 5)
+    for row, request in ((0, "r0"), (2, "r2"), (3, "r3")):
+        state.set_row(row, gated, 5)
+        reads.admit(row, request, Mode.SGDS, 5)
     state.set_row(1, RequestSettings(Mode.SGDS, lam=0.5), 5)
-    state.set_row(2, gated, 5)
     state.flush()
-    assert state.defended(3).tolist() == [False, True, False]
+    assert state.defended(4).tolist() == [False, True, False, False]
     state.verdict[0], state.verdict[2], state.score[2] = FLAGGED, LET_THROUGH, -0.5
-    assert state.read_verdicts() == [(0, True, 0.0), (2, False, -0.5)]
-    assert state.read_verdicts() == []  # each verdict is reported once
-    assert state.defended(3).tolist() == [True, True, False]
-    in_prefill = torch.tensor([False, False, False])
-    assert state.expert_rows(3, in_prefill).tolist() == [True, True, False]
-    assert state.expert_rows(3, torch.tensor([False, False, True])).tolist() == [True] * 3
+    state.verdict[3] = FLAGGED
+    reads.start()  # the forward's verdicts, rows as they were in it
     state.swap(0, 2)
+    reads.swap(0, 2)
+    state.clear_row(3)
+    reads.leave(3)
+    assert state.host_verdict.tolist() == [PENDING] * 4  # nothing read yet
+    reads.land()
+    assert state.host_verdict.tolist() == [LET_THROUGH, PENDING, FLAGGED, PENDING]
+    assert log.lookup(["r0", "r2", "r3"]) == {
+        "r0": {"flagged": True, "score": 0.0, "defence": "sgds", "flagged_at": "prompt"},
+        "r2": {"flagged": False, "score": -0.5, "defence": "sgds", "flagged_at": None},
+        "r3": {"flagged": True, "score": 0.0, "defence": "sgds", "flagged_at": "prompt"}}
     assert state.defended(3).tolist() == [False, True, True]
     assert state.mixing_rows(3).tolist() == [False, True, True]
+    in_prefill = torch.tensor([False, False, False])
+    assert state.expert_rows(3, in_prefill).tolist() == [False, True, True]
+    assert state.expert_rows(3, torch.tensor([True, False, False])).tolist() == [True] * 3
+    state.flag_position[0] = 7  # the monitor flags r2's answer (now row 0) at position 7
+    state.verdict[3] = LET_THROUGH  # row 3 is gone: no later copy is of r3
+    reads.start()
+    reads.land()
+    reads.start()
+    reads.land()
+    assert log.lookup(["r2", "r3"]) == {
+        "r2": {"flagged": True, "score": -0.5, "defence": "sgds", "flagged_at": "token 2"},
+        "r3": {"flagged": True, "score": 0.0, "defence": "sgds", "flagged_at": "prompt"}}
     state.clear_row(2)
     assert int(state.verdict[2]) == PENDING and not state.mixing_rows(3)[2]
 

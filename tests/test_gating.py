@@ -5,6 +5,7 @@ preemption and prefix caching reproduce the verdict."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.engines import long_templated, safeinfer_engine, templated
 from tests.parity import (
@@ -96,6 +97,82 @@ def test_auto_mixed_batch_equals_reference(engine_pool, tiny_assets, references,
     assert changed_after_flag, "no row flagged in its answer was steered from there on"
     assert any(tokens != off[tuple(p)] for (p, c), tokens, (w, _) in zip(rows, got, verdicts)
                if c.mode == "auto" and w == "prompt"), "no flagged row was defended"
+
+
+_BLOCKING = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__",
+             "__index__"}
+
+
+def _watch_blocking_reads(worker, on: bool) -> list[str]:
+    """Run the worker's steps (`execute_model`, `sample_tokens`) under a torch function
+    mode that records each read of SafeInfer's device tensors that would make the host
+    wait for the device on a GPU (a scalar or list read, a copy to the host that is not
+    `non_blocking`); `on=False` removes it and returns what it saw. A control read is
+    recorded first, so the watch is known to see one."""
+    from torch.overrides import TorchFunctionMode
+
+    from vllm_safeinfer.engine.worker import find_logits_processor
+
+    if not on:
+        for name in ("execute_model", "sample_tokens"):
+            vars(worker).pop(name, None)
+        return worker.safeinfer_blocking_reads
+    processor = find_logits_processor(worker.model_runner)
+    state = processor.state
+    watched = {t.untyped_storage().data_ptr() for t in (
+        *state._device.values(), state.verdict, state.score, state.flag_position,
+        state.window, state.answer, processor.changed_tokens._count)}
+    seen = worker.safeinfer_blocking_reads = []
+
+    def device_arg(args) -> bool:
+        return any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() in watched
+                   for a in args)
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = getattr(func, "__name__", "")
+            blocking = name in _BLOCKING and device_arg(args[:1])
+            if name == "to":
+                blocking = (device_arg(args[:1]) and not kwargs.get("non_blocking", False)
+                            and "cpu" in [str(a) for a in (*args[1:], kwargs.get("device"))])
+            if name == "copy_":
+                blocking = device_arg(args[1:2]) and not (
+                    kwargs.get("non_blocking") or args[2:3] == (True,))
+            if blocking:
+                seen.append(name)
+            return func(*args, **kwargs)
+
+    with Watch():
+        bool(state.verdict[0])
+    for name in ("execute_model", "sample_tokens"):
+        step = getattr(worker, name)
+
+        def watched_step(*args, _step=step, **kwargs):
+            with Watch():
+                return _step(*args, **kwargs)
+
+        setattr(worker, name, watched_step)
+    return list(seen)
+
+
+def test_no_step_waits_for_the_device(engine_pool, tiny_assets):
+    """A batch of gated, mixing and steered rows (tiny Qwen2: the expert's rows fused in)
+    reads none of SafeInfer's device tensors in a blocking way during its steps, yet
+    every gated request's verdict and the mixing metric reach the host."""
+    assets = tiny_assets("tiny-qwen2")
+    llm = safeinfer_engine(engine_pool, assets)
+    assert llm.collective_rpc(_watch_blocking_reads, args=(True,)) == [["__bool__"]]
+    try:
+        cases = [*GATED, Case("sgds"), Case("safeinfer"), Case("off")]
+        rows = [(prompt, case) for prompt in PROMPTS[:3] for case in cases]
+        _, ids, _ = generate(llm, [p for p, _ in rows],
+                             [sampling(c, max_tokens=12, ignore_eos=True) for _, c in rows])
+    finally:
+        [seen] = llm.collective_rpc(_watch_blocking_reads, args=(False,))
+    assert seen == ["__bool__"], "only the control read may block"
+    known = decisions(llm, ids)
+    assert all((d is not None) == (c.mode == "auto") for d, (_, c) in zip(known, rows))
 
 
 def test_let_through_runs_no_expert_rows(engine_pool, tiny_assets, references):

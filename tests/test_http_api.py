@@ -24,6 +24,10 @@ def app_with(assets, api_key=None, **overrides) -> TestClient:
     async def completions(request: Request):
         return {"echo": await request.json()}
 
+    @app.get("/metrics")
+    def metrics():
+        return "vllm:requests 0"
+
     app.middleware("http")(safeinfer_endpoints)
     model_config = SimpleNamespace(
         hf_config=argparse.Namespace(hidden_size=assets.hidden_size, num_hidden_layers=4),
@@ -87,6 +91,33 @@ def test_gate_decisions_come_from_the_workers(assets, monkeypatch):
     keyed = app_with(assets, api_key=["secret"])
     keyed.app.state.engine_client = Engine()
     assert keyed.get("/v1/safeinfer/gate/chatcmpl-1").status_code == 401
+
+
+def test_scrapes_read_the_workers_at_most_once_per_interval(assets, monkeypatch):
+    """However often `/metrics` is scraped, the workers are asked to read their device
+    tallies at most once per `WORKER_READ_INTERVAL_S`, and every scrape is answered."""
+    import time
+
+    from vllm_safeinfer.server import http_api
+
+    asked = []
+
+    class Engine:
+        async def collective_rpc(self, method, args=()):
+            asked.append(method)
+
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    monkeypatch.setattr(http_api, "WORKER_READ_INTERVAL_S", 0.5)
+    client = app_with(assets)
+    client.app.state.engine_client = Engine()
+    started = time.monotonic()
+    answers = [client.get("/metrics") for _ in range(20)]
+    assert time.monotonic() - started < 0.5  # all within one interval
+    assert [a.status_code for a in answers] == [200] * 20
+    assert asked == ["safeinfer_report_metrics"]
+    time.sleep(0.5)
+    client.get("/metrics")
+    assert asked == ["safeinfer_report_metrics"] * 2
 
 
 def test_the_api_key_is_required_when_set(assets):

@@ -276,10 +276,11 @@ def test_metrics_count_exactly_what_was_sent(client, server, references):
 
     sent = [3, 3, 4, 4]  # sgds and safeinfer: one request with n = 2
     deadline = time.time() + 30
-    while True:  # vLLM records finished-request stats just after answering
-        after = scrape(base)
+    while True:  # vLLM records finished-request stats just after answering; the workers'
+        after = scrape(base)  # tallies are read at most once per WORKER_READ_INTERVAL_S
         counted = [delta("vllm_safeinfer:requests_total", m) for m in MODES]
-        if counted == sent or time.time() > deadline:
+        mixed = delta("vllm_safeinfer:mixing_changed_tokens_total")
+        if (counted == sent and mixed == changes) or time.time() > deadline:
             break
         time.sleep(0.5)
     assert counted == sent

@@ -5,7 +5,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from vllm_safeinfer.common.compat import check_supported, check_vllm_internals, supported_vllm_range
+from vllm_safeinfer.common.compat import (
+    check_supported,
+    check_vllm_internals,
+    fit_fused_expert,
+    supported_vllm_range,
+)
 from vllm_safeinfer.engine.logits_processor import FQCN, SafeInferLogitsProcessor
 from vllm_safeinfer.engine.worker import find_logits_processor
 from vllm_safeinfer.plugin import register, with_processor
@@ -48,6 +53,19 @@ def test_unsupported_features_are_refused(overrides, message):
     check_supported(_vllm_config(**{"parallel_config.tensor_parallel_size": 2}))
     with pytest.raises(ValueError, match=message):
         check_supported(_vllm_config(**overrides))
+
+
+def test_a_fused_expert_runs_without_cuda_graphs():
+    """CUDA graphs are captured per token count; an expert sharing the served weights
+    adds rows to the forward, so its engine runs without them (an expert of its own, or
+    none, leaves them on)."""
+    from vllm.config import CompilationConfig, CUDAGraphMode
+
+    for shares, expected in ((True, CUDAGraphMode.NONE), (False, CUDAGraphMode.PIECEWISE)):
+        config = SimpleNamespace(compilation_config=CompilationConfig(
+            cudagraph_mode=CUDAGraphMode.PIECEWISE))
+        fit_fused_expert(config, shares)
+        assert config.compilation_config.cudagraph_mode == expected
 
 
 def test_self_check_and_idempotent_register():

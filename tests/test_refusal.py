@@ -158,38 +158,33 @@ def test_ablate_recipe_and_refusal_vector_from_the_command_line(tmp_path) -> Non
     assert vector.residual_norm > 0 and vector.model_fingerprint.startswith("sampled-all-v1:")
 
 
-def tiny_ablated_expert(name: str, folder: Path) -> Path:
-    """The `ablate` expert of a tiny model (direction found on a few default prompts)."""
-    from vllm_safeinfer.offline.refusal import default_prompts, save_ablated_expert
-
-    out = folder / f"{name}-ablated"
-    model, tokenizer = load_model(name)
-    harmful, validation, harmless = default_prompts()
-    found = find_refusal_direction(model, tokenizer, harmful[:16], harmless[:16],
-                                   validation=validation[:4])
-    save_ablated_expert(model, tokenizer, found, out, base_model=name)
-    return out
-
-
-def test_the_ablated_expert_is_served_by_vllm_exactly(engine_pool, tmp_path_factory) -> None:
-    """vLLM loads the `ablate` checkpoint as `expert_model` and mixes it token-exactly as
-    the HF reference does with the same checkpoint, in a batch mixing modes."""
+def separate_expert_engine(engine_pool, assets):
+    """Tiny Qwen2 serving its `ablate` checkpoint as an expert model of its own (the
+    separate-forward path), with the assets' vectors and probe."""
     from tests.engines import new_llm
+
+    config = assets.safeinfer_config()
+    del config["expert_shares_weights"]
+    return engine_pool.get(f"separate:{assets.expert}", lambda: new_llm(
+        assets.model, additional_config={"safeinfer": config}))
+
+
+def test_the_ablated_expert_is_served_by_vllm_exactly(engine_pool, tiny_assets) -> None:
+    """vLLM loads the `ablate` checkpoint as `expert_model` (a model of its own) and mixes
+    it token-exactly as the HF reference does with the same checkpoint, in a batch
+    mixing modes."""
     from tests.parity import PROMPTS, Case, sampling, vllm_generate
     from vllm_safeinfer.common.modes import Mode
-    from vllm_safeinfer.models import model_path
     from vllm_safeinfer.offline.reference import RowSettings, SafeInferReference
 
-    out = tiny_ablated_expert("tiny-llama", tmp_path_factory.mktemp("ablated"))
-    base = str(model_path("tiny-llama"))
-    llm = engine_pool.get(f"ablated:{out}", lambda: new_llm(
-        base, additional_config={"safeinfer": {"expert_model": str(out)}}))
+    assets = tiny_assets("tiny-qwen2")
+    llm = separate_expert_engine(engine_pool, assets)
     cases = [Case("off"), Case("sgds", lam=0.9), Case("sgds", lam=0.99), Case("off"),
              Case("sgds", lam=0.5)]
     got = [vllm_generate(llm, [prompt], sampling(case))[0]
            for prompt, case in zip(PROMPTS, cases)]
     batched = vllm_generate(llm, PROMPTS, [sampling(case) for case in cases])
-    reference = SafeInferReference.from_pretrained(base, str(out))
+    reference = SafeInferReference.from_pretrained(assets.model, assets.expert)
     want = reference.generate(PROMPTS, [RowSettings(Mode(c.mode), lam=c.lam or 0.0)
                                         for c in cases], 10)
     assert batched == got == want
@@ -219,49 +214,89 @@ def _expert_memory(worker) -> tuple[int, int, list[str]]:
     return sum(served.values()), sum(n for p, n in mine.items() if p not in served), foreign
 
 
-def test_the_weight_sharing_expert_is_the_checkpoint_without_a_copy(
-        engine_pool, tiny_assets, tmp_path_factory) -> None:
-    """`expert_shares_weights`: the `ablate` expert run on the served model's own modules
-    (tiny Qwen2, whose output embedding is tied) gives the tokens of the HF reference
-    running the materialised checkpoint, in every mode, alone and in a mixed batch, and
-    holds no weight of its own. An expert that is not the served model's ablation is
-    refused before the engine starts."""
+def _fused_counts(worker) -> dict[str, int]:
+    """The worker's fused-forward tallies, and how often the decoder stack ran (counted
+    from the first call on; vLLM's compile wrapper calls `forward`, not the hooks)."""
+    from vllm_safeinfer.engine.shared_expert import FUSED_ROWS
+    from vllm_safeinfer.engine.worker import find_logits_processor
+
+    runner = worker.model_runner
+    stack = runner.get_model().model
+    if not hasattr(stack, "decoder_forwards"):
+        stack.decoder_forwards = 0
+        original = stack.forward
+
+        def counted(*args, **kwargs):
+            stack.decoder_forwards += 1
+            return original(*args, **kwargs)
+
+        stack.forward = counted
+    return {"decoder_forwards": stack.decoder_forwards, "fused_forwards": FUSED_ROWS.forwards,
+            "expert_rows": FUSED_ROWS.expert_rows,
+            "without_expert": FUSED_ROWS.forwards_without_expert,
+            "planned_tokens": find_logits_processor(runner).expert.planner.tokens_run}
+
+
+def test_the_weight_sharing_expert_rides_in_the_served_forward(
+        engine_pool, tiny_assets, references) -> None:
+    """`expert_shares_weights` (tiny Qwen2, whose output embedding is tied): the `ablate`
+    expert's rows run in the served model's own forward, one decoder pass a step holding
+    exactly the planner's expert rows (none when no row mixes), with no weight of its
+    own; every mode in one mixed batch equals the HF reference running the materialised
+    checkpoint and the separate-forward path serving that checkpoint. An expert that is
+    not the served model's ablation is refused before the engine starts."""
     import json
     import shutil
 
-    from tests.engines import new_llm
+    from tests.engines import new_llm, safeinfer_engine
     from tests.parity import MIXED_CASES, PROMPTS, Case, reference_generate, sampling, vllm_generate
-    from vllm_safeinfer.offline.hf import load_causal_lm
-    from vllm_safeinfer.offline.reference import SafeInferReference
+    from vllm_safeinfer.models import expert_of, model_path
 
     assets = tiny_assets("tiny-qwen2")
-    out = tiny_ablated_expert("tiny-qwen2", tmp_path_factory.mktemp("shared"))
-    config = assets.safeinfer_config(expert_model=str(out), expert_shares_weights=True)
-
+    assert assets.expert_shares_weights
+    config = assets.safeinfer_config()
+    out = Path(assets.expert)
     other = out.with_name("other-weights")
-    shutil.copytree(out, other)
+    shutil.copytree(out, other, dirs_exist_ok=True)
     meta = json.loads((other / "safeinfer_expert.json").read_text())
     meta["base_model_fingerprint"] = "sampled-all-v1:" + "0" * 64
     (other / "safeinfer_expert.json").write_text(json.dumps(meta))
-    for expert, message in ((assets.expert, "only an expert built by `safeinfer expert build "
-                                            "--method ablate` can share"),
+    for expert, message in ((str(model_path(expert_of("tiny-qwen2"))),
+                             "only an expert built by `safeinfer expert build --method "
+                             "ablate` can share"),
                             (str(other), "made from other weights than the served model's")):
         with pytest.raises(ValueError, match=message):
             new_llm(assets.model, additional_config={"safeinfer": {**config,
                                                                   "expert_model": expert}})
 
-    llm = engine_pool.get(f"shared:{out}", lambda: new_llm(
-        assets.model, additional_config={"safeinfer": config}))
+    llm = safeinfer_engine(engine_pool, assets)
     [(served_bytes, own_bytes, foreign)] = llm.collective_rpc(_expert_memory)
     assert served_bytes > 0 and own_bytes == 0 and foreign == []
 
-    model, tokenizer = load_model(assets.model)
-    reference = SafeInferReference(model, tokenizer, load_causal_lm(out))
+    def delta(run) -> tuple[object, dict[str, int]]:
+        [before] = llm.collective_rpc(_fused_counts)
+        result = run()
+        [after] = llm.collective_rpc(_fused_counts)
+        return result, {k: after[k] - before[k] for k in after}
+
+    # The planner hooks the runner's metadata in the engine's first step, which runs the
+    # expert on every token unplanned; count from a later one.
+    vllm_generate(llm, PROMPTS[:1], sampling(Case("off"), max_tokens=1))
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(MIXED_CASES))]
-    assert vllm_generate(llm, prompts, [sampling(c) for c in MIXED_CASES]) == \
-        reference_generate(reference, assets, prompts, MIXED_CASES)
+    samplings = [sampling(c) for c in MIXED_CASES]
+    got, counted = delta(lambda: vllm_generate(llm, prompts, samplings))
+    assert got == reference_generate(references("tiny-qwen2"), assets, prompts, MIXED_CASES)
+    assert counted["decoder_forwards"] == counted["fused_forwards"] > 0, counted
+    assert counted["expert_rows"] == counted["planned_tokens"] > 0, counted
+    assert counted["without_expert"] < counted["fused_forwards"]
+    _, counted = delta(lambda: vllm_generate(llm, PROMPTS, sampling(Case("sa"))))
+    assert counted["expert_rows"] == counted["planned_tokens"] == 0
+    assert counted["without_expert"] == counted["fused_forwards"] == counted["decoder_forwards"]
+
+    separate = separate_expert_engine(engine_pool, assets)
+    assert vllm_generate(separate, prompts, samplings) == got
     off = vllm_generate(llm, PROMPTS, sampling(Case("off")))
     for case in (Case("sgds", lam=0.9), Case("safeinfer", lam=0.9)):
-        got = vllm_generate(llm, PROMPTS, sampling(case))
-        assert got == reference_generate(reference, assets, PROMPTS, [case] * len(PROMPTS))
-        assert got != off, f"{case.mode}: mixing the shared expert changed no token"
+        mixed = vllm_generate(llm, PROMPTS, sampling(case))
+        assert mixed == vllm_generate(separate, PROMPTS, sampling(case))
+        assert mixed != off, f"{case.mode}: mixing the shared expert changed no token"

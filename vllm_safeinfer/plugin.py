@@ -103,7 +103,7 @@ def check_startup(vllm_config, config: SafeInferConfig) -> None:
 def _hook_engine_config() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_safeinfer.common.compat import supported_vllm_range
+    from vllm_safeinfer.common.compat import fit_fused_expert, supported_vllm_range
 
     original = EngineArgs.create_engine_config
     if getattr(original, "_safeinfer", False):
@@ -128,6 +128,7 @@ def _hook_engine_config() -> None:
         vllm_config = original(self, *args, **kwargs)
         if config is not None:
             check_startup(vllm_config, config)
+            fit_fused_expert(vllm_config, config.expert_shares_weights)
         return vllm_config
 
     create_engine_config._safeinfer = True

@@ -18,6 +18,8 @@ REQUIRED_INTERNALS: tuple[tuple[str, str], ...] = (
     ("vllm.compilation.backends", "set_model_tag"),
     ("vllm.model_executor.model_loader", "get_model"),
     ("vllm.config.utils", "replace"),
+    ("vllm.model_executor.layers.attention.attention", "unified_attention_with_output"),
+    ("vllm.model_executor.layers.attention.attention", "unified_kv_cache_update"),
 )
 
 
@@ -81,3 +83,21 @@ def check_supported(vllm_config) -> None:
                         "the prompt's token ids, and exactness with embeddings is not verified)")
     if problems:
         raise ValueError("SafeInfer cannot serve " + "; ".join(problems))
+
+
+def fit_fused_expert(vllm_config, shares_weights: bool) -> None:
+    """An expert sharing the served weights puts a data-dependent number of rows into the
+    served model's forward, which a captured CUDA graph cannot hold yet: run it without
+    CUDA graphs (docs/expert-and-calibration.md says how they could hold it)."""
+    from vllm.config import CUDAGraphMode
+
+    compilation = vllm_config.compilation_config
+    if not shares_weights or compilation.cudagraph_mode in (None, CUDAGraphMode.NONE):
+        return
+    import logging
+
+    logging.getLogger(__name__).warning(
+        "SafeInfer: expert_shares_weights runs the expert's rows inside the served model's "
+        "forward, which CUDA graphs cannot capture yet; CUDA graphs are off for this "
+        "engine (cudagraph_mode %s -> NONE)", compilation.cudagraph_mode)
+    compilation.cudagraph_mode = CUDAGraphMode.NONE

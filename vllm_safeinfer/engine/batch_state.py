@@ -34,8 +34,8 @@ class BatchState:
     monitor. `verdict`, `score`, `flag_position` and the probe's running sums (`window`,
     `answer`) are written there and only there (the host never flushes them; row moves
     are replayed on them as device ops), so a decision applies in that same forward. The
-    host learns verdicts afterwards (`read_verdicts`, `read_answer_flags`) to plan the
-    expert's rows and log decisions.
+    host learns verdicts afterwards, without waiting for the device (`verdict_reads.py`),
+    to plan the expert's rows and log decisions.
     """
 
     def __init__(self, vectors: VectorTable, max_rows: int, device: torch.device,
@@ -72,10 +72,10 @@ class BatchState:
         # (sum, count) of the probe's scores over the read window and the answer so far.
         self.window = torch.zeros(2, max_rows + 1, dtype=torch.float32, device=device)
         self.answer = torch.zeros(2, max_rows + 1, dtype=torch.float32, device=device)
+        # The verdicts as the host has read them back (`verdict_reads.py`).
         self.host_verdict = torch.zeros(max_rows, dtype=torch.int8)
-        self.host_score = torch.zeros(max_rows, dtype=torch.float32)
-        self.host_answer_flag = torch.zeros(max_rows, dtype=torch.bool)  # logged already
         self.gating = False  # set when a harm probe is installed
+        self.monitoring = False  # and when it watches answers
 
     # Device tensors read by the steering kernel and the mixing step.
     @property
@@ -160,41 +160,6 @@ class BatchState:
         of `mixing_rows`)."""
         return self._host["mixes"][:num_rows] & ~(self._let_through(num_rows) & ~in_prefill)
 
-    def read_verdicts(self) -> list[tuple[int, bool, float]]:
-        """Copy the probe's verdicts of gated rows still pending on the host; returns the
-        (row, flagged, score) decided since the last call. Only rows with a pending
-        verdict trigger the copy (on a GPU, a wait for the last forward), so a batch
-        without new gated requests never waits."""
-        pending = self._host["gated"] & (self.host_verdict == PENDING)
-        if not bool(pending.any()):
-            return []
-        verdict = self.verdict[:-1].to("cpu")
-        score = self.score[:-1].to("cpu")
-        decided = pending & (verdict != PENDING)
-        self.host_verdict[decided] = verdict[decided]
-        self.host_score[decided] = score[decided]
-        return [(row, bool(verdict[row] == FLAGGED), float(score[row]))
-                for row in decided.nonzero().flatten().tolist()]
-
-    def read_answer_flags(self, rows: list[int]) -> list[tuple[int, int]]:
-        """(row, generated token index) for each of `rows` that the answer monitor
-        flagged since the last call; copies only when one of them is a gated row let
-        through whose flag is not known yet."""
-        if not rows:
-            return []
-        index = torch.tensor(rows, dtype=torch.long)
-        open_ = (self._host["gated"][index] & (self.host_verdict[index] == LET_THROUGH)
-                 & ~self.host_answer_flag[index])
-        if not bool(open_.any()):
-            return []
-        position = self.flag_position[:-1].to("cpu")
-        found = []
-        for row in index[open_].tolist():
-            if int(position[row]) < NEVER:
-                self.host_answer_flag[row] = True
-                found.append((row, int(position[row]) - int(self._host["prompt_len"][row])))
-        return found
-
     def stage_vector(self, name: str, where: str, vector: SafetyVector,
                      sha256: str) -> bool:
         """Load a published vector's row (`VectorTable.stage`), copied to the device
@@ -237,8 +202,7 @@ class BatchState:
 
     def _per_row(self) -> tuple[torch.Tensor, ...]:
         return (*self._host.values(), self.verdict, self.score, self.window, self.answer,
-                self.flag_position, self.host_verdict, self.host_score,
-                self.host_answer_flag)
+                self.flag_position, self.host_verdict)
 
     def clear_row(self, row: int) -> None:
         for t in self._per_row():

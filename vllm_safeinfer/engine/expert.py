@@ -10,7 +10,8 @@ for the logits processor. It runs only on the rows that need it (`expert_rows.py
 mixing rows, less the decode tokens of gated rows the harm probe let through.
 
 An `ablate` expert can instead share the served model's weights
-(`expert_shares_weights`, `shared_expert.py`): then only its KV cache costs memory.
+(`expert_shares_weights`, `shared_expert.py`): then it has no forward of its own (its
+rows ride in the served model's) and only its KV cache costs memory.
 """
 from __future__ import annotations
 
@@ -113,38 +114,82 @@ def check_expert_compatible(config: SafeInferConfig, base_model_config) -> None:
 def install_expert(model: nn.Module, vllm_config, config: SafeInferConfig,
                    planner_of: Callable[[list[str]], ExpertRowPlanner]) -> ExpertLogits:
     """Load the expert next to `model` and route its logits to the returned holder;
-    `planner_of(expert attention layer names)` plans which rows it runs on."""
+    `planner_of(expert attention layer names)` plans which rows it runs on. An expert
+    sharing the served weights runs inside the served model's forward
+    (`shared_expert.py`), any other as a model of its own after it."""
     from vllm.compilation.backends import set_model_tag
     from vllm.config import set_current_vllm_config
     from vllm.config.utils import replace
     from vllm.model_executor.model_loader import get_model
 
-    with set_current_vllm_config(vllm_config), set_model_tag(MODEL_TAG):
-        if config.expert_shares_weights:
-            from vllm_safeinfer.engine.shared_expert import load_shared_expert
+    from vllm_safeinfer.engine.shared_expert import install_shared_expert
 
-            expert = load_shared_expert(model, vllm_config, config.expert_model, MODEL_TAG)
-        else:
+    base_forward = model.forward
+    base_compute_logits = model.compute_logits
+    holder: ExpertLogits
+    if config.expert_shares_weights:
+        def plan(num_tokens: int):
+            step = holder.planner.plan(num_tokens)
+            holder.planned_rows = None if step is None else step.logit_rows
+            return step
+
+        own, forward = install_shared_expert(
+            model, vllm_config, config.expert_model, MODEL_TAG,
+            2 * vllm_config.scheduler_config.max_num_batched_tokens, plan)
+        holder = ExpertLogits(vllm_config.model_config.dtype, own)
+        holder.planner = planner_of(attention_layer_names(own))
+        expert_logits, shares_head = base_compute_logits, True
+    else:
+        with set_current_vllm_config(vllm_config), set_model_tag(MODEL_TAG):
             expert_config = replace(
                 vllm_config, quant_config=None,
                 model_config=expert_model_config(config, vllm_config.model_config))
             expert = get_model(vllm_config=expert_config, prefix=MODEL_TAG)
-    expert_dtype = next(expert.parameters()).dtype
-    holder = ExpertLogits(expert_dtype, expert)
+        holder = ExpertLogits(next(expert.parameters()).dtype, expert)
+        holder.planner = planner_of(attention_layer_names(expert))
+        expert_hidden_size = expert.config.get_text_config().hidden_size
+        forward = _separate_forward(base_forward, expert, holder, expert_hidden_size)
+        expert_logits, shares_head = expert.compute_logits, False
     base_hidden = vllm_config.model_config.get_hidden_size()
-    expert_hidden_size = expert.config.get_text_config().hidden_size
-    planner = planner_of(attention_layer_names(expert))
-    holder.planner = planner
-    base_forward = model.forward
-    base_compute_logits = model.compute_logits
+    expert_dtype = holder.dtype
 
-    # The pair travels in the served model's dtype (vLLM sizes its buffers by it); each
-    # half goes back to its own model's dtype for its lm_head. An expert in a lower
-    # precision (a bf16 expert beside an fp32 model) round-trips exactly. Tokens the
-    # expert skips get zeros: no mix reads them.
+    def compute_logits(hidden_states: torch.Tensor):
+        num_rows = hidden_states.shape[0]
+        rows = holder.planned_rows
+        if rows is not None and (rows.numel() and int(rows.max()) >= num_rows):
+            rows = None  # not the planned step's rows (a dummy sampler run)
+        served_states = hidden_states[..., :base_hidden]
+        expert_states = hidden_states[..., base_hidden:].to(expert_dtype)
+        if rows is not None:
+            expert_states = expert_states[rows.to(expert_states.device)]
+        if not expert_states.shape[0]:
+            holder.put(num_rows, rows, expert_states.new_empty(0, 0))
+            return base_compute_logits(served_states)
+        if shares_head:  # one read of the LM head for both models' rows
+            both = base_compute_logits(torch.cat([served_states, expert_states]))
+            holder.put(num_rows, rows, both[num_rows:])
+            return both[:num_rows]
+        holder.put(num_rows, rows, expert_logits(expert_states))
+        return base_compute_logits(served_states)
+
+    # Instance attributes: nn.Module.__call__ picks them up, the class stays untouched.
+    model.forward = forward
+    model.compute_logits = compute_logits
+    return holder
+
+
+def _separate_forward(base_forward: Callable, expert: nn.Module, holder: ExpertLogits,
+                      expert_hidden_size: int) -> Callable:
+    """The served model's forward followed by the expert's own, on the planned rows.
+
+    The pair travels in the served model's dtype (vLLM sizes its buffers by it); each
+    half goes back to its own model's dtype for its lm_head. An expert in a lower
+    precision (a bf16 expert beside an fp32 model) round-trips exactly. Tokens the
+    expert skips get zeros: no mix reads them."""
+
     def forward(input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         hidden = base_forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
-        plan = planner.plan(input_ids.shape[0])
+        plan = holder.planner.plan(input_ids.shape[0])
         holder.planned_rows = None if plan is None else plan.logit_rows
         if plan is None or plan.tokens is None:
             expert_hidden = expert(input_ids, positions, None, None).to(hidden.dtype)
@@ -156,24 +201,7 @@ def install_expert(model: nn.Module, vllm_config, config: SafeInferConfig,
                 expert_hidden[plan.tokens] = ran.to(hidden.dtype)
         return torch.cat([hidden, expert_hidden], dim=-1)
 
-    def compute_logits(hidden_states: torch.Tensor):
-        num_rows = hidden_states.shape[0]
-        rows = holder.planned_rows
-        if rows is not None and (rows.numel() and int(rows.max()) >= num_rows):
-            rows = None  # not the planned step's rows (a dummy sampler run)
-        expert_states = hidden_states[..., base_hidden:].to(expert_dtype)
-        if rows is not None:
-            expert_states = expert_states[rows.to(expert_states.device)]
-        if expert_states.shape[0]:
-            holder.put(num_rows, rows, expert.compute_logits(expert_states))
-        else:
-            holder.put(num_rows, rows, expert_states.new_empty(0, 0))
-        return base_compute_logits(hidden_states[..., :base_hidden])
-
-    # Instance attributes: nn.Module.__call__ picks them up, the class stays untouched.
-    model.forward = forward
-    model.compute_logits = compute_logits
-    return holder
+    return forward
 
 
 def attention_layer_names(expert: nn.Module) -> list[str]:

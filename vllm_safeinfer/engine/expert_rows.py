@@ -63,8 +63,9 @@ class ExpertRowPlanner:
         self._builder = None
         self._common = None  # the step's CommonAttentionMetadata, as the runner built it
         self._built = None  # the metadata the runner built from it for the expert's group
-        self.rows_run = 0  # expert rows run in forwards with a plan (a test reads it)
+        self.rows_run = 0  # expert rows run in forwards with a plan (tests read them)
         self.rows_skipped = 0
+        self.tokens_run = 0
 
     def _hook_group(self) -> bool:
         """Find the attention group of the expert's layers and record what the runner
@@ -119,6 +120,7 @@ class ExpertRowPlanner:
         logit_rows = self.state.mixing_rows(num_rows).nonzero().flatten()
         lengths = np.diff(starts)
         self.rows_run += int(run.sum())
+        self.tokens_run += int(lengths[run].sum())
         self.rows_skipped += int((~run & (lengths > 0)).sum())
         if run.all():
             return ExpertPlan(None, logit_rows)

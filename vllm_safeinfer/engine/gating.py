@@ -24,6 +24,7 @@ from torch import nn
 from vllm_safeinfer.common.probe import HarmProbe, linear_scores
 from vllm_safeinfer.engine.batch_state import FLAGGED, LET_THROUGH, NEVER, BatchState
 from vllm_safeinfer.engine.steering import decoder_layers
+from vllm_safeinfer.kernels.ops import mutating_op
 from vllm_safeinfer.kernels.steer import token_rows
 
 
@@ -103,7 +104,7 @@ def decide_reference(
     answer[1].index_add_(0, at, watched.float())
 
 
-@torch.library.custom_op("safeinfer::probe_read_", mutates_args=("token_score",))
+@mutating_op("probe_read_", ("token_score",))
 def probe_read_(hidden: torch.Tensor, residual: torch.Tensor | None, gated: torch.Tensor,
                 direction: torch.Tensor, normalize: bool, first: bool,
                 token_score: torch.Tensor) -> None:
@@ -114,15 +115,7 @@ def probe_read_(hidden: torch.Tensor, residual: torch.Tensor | None, gated: torc
     read_reference(stream, direction, normalize, first, token_score)
 
 
-@probe_read_.register_fake
-def _probe_read_fake(hidden, residual, gated, direction, normalize, first,
-                     token_score) -> None:
-    return None
-
-
-@torch.library.custom_op("safeinfer::probe_decide_",
-                         mutates_args=("window", "answer", "verdict", "score",
-                                       "flag_position"))
+@mutating_op("probe_decide_", ("window", "answer", "verdict", "score", "flag_position"))
 def probe_decide_(positions: torch.Tensor, query_start_loc: torch.Tensor,
                   gated: torch.Tensor, read_start: torch.Tensor, read_end: torch.Tensor,
                   prompt_len: torch.Tensor, threshold: float, monitor_threshold: float,
@@ -135,13 +128,6 @@ def probe_decide_(positions: torch.Tensor, query_start_loc: torch.Tensor,
     decide_reference(positions, query_start_loc, gated, read_start, read_end, prompt_len,
                      threshold, monitor_threshold, monitor_min_tokens, token_score, window,
                      answer, verdict, score, flag_position)
-
-
-@probe_decide_.register_fake
-def _probe_decide_fake(positions, query_start_loc, gated, read_start, read_end, prompt_len,
-                       threshold, monitor_threshold, monitor_min_tokens, token_score, window,
-                       answer, verdict, score, flag_position) -> None:
-    return None
 
 
 class ProbeHook:
@@ -192,3 +178,4 @@ def install_probe(model: nn.Module, state: BatchState, probe: HarmProbe, thresho
         layers[layer].register_forward_hook(
             ProbeHook(state, probe, index, threshold, query_start_loc, token_score))
     state.gating = True
+    state.monitoring = probe.monitors

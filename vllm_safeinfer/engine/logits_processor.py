@@ -15,7 +15,6 @@ from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from vllm_safeinfer.common.config import SafeInferConfig
-from vllm_safeinfer.common.modes import Mode
 from vllm_safeinfer.common.request_options import (
     config_being_validated,
     resolve_or_defaults,
@@ -23,6 +22,7 @@ from vllm_safeinfer.common.request_options import (
 )
 from vllm_safeinfer.common.vector_table import VectorTable
 from vllm_safeinfer.engine.batch_state import BatchState
+from vllm_safeinfer.engine.verdict_reads import VerdictReads
 from vllm_safeinfer.engine.expert import ExpertLogits
 from vllm_safeinfer.engine.gate_log import GateLog
 from vllm_safeinfer.engine.metrics import ChangedTokens
@@ -50,8 +50,8 @@ class SafeInferLogitsProcessor(LogitsProcessor):
         self.expert: ExpertLogits | None = None
         self.gate_log = GateLog()
         self.staged: StagedVector | None = None  # a vector publication in flight
-        self.changed_tokens = ChangedTokens(device)
-        self._row_requests: dict[int, tuple[str | None, Mode]] = {}
+        self.changed_tokens = ChangedTokens(device, is_pin_memory)
+        self.verdicts: VerdictReads | None = None
         if self.config is None:
             return
         model_config = vllm_config.model_config
@@ -61,6 +61,7 @@ class SafeInferLogitsProcessor(LogitsProcessor):
             device=device,
             pin_memory=is_pin_memory,
         )
+        self.verdicts = VerdictReads(self.state, self.gate_log, is_pin_memory)
         # Ids >= len(tokenizer) are embedding padding, not tokens: mixing masks them.
         self.vocab_size = len(cached_tokenizer_from_config(model_config))
 
@@ -68,16 +69,15 @@ class SafeInferLogitsProcessor(LogitsProcessor):
         return False
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        state = self.state
+        state, verdicts = self.state, self.verdicts
         if state is None:
             return
-        self.collect_verdicts()  # the last forward's, before its rows move or leave
+        verdicts.start()  # the last forward's verdicts, in its row order
+        verdicts.land()
         if batch_update is not None:
-            rows = self._row_requests
-            self._log_answer_flags(list(batch_update.removed))  # before the rows clear
             for row in batch_update.removed:
                 state.clear_row(row)
-                rows.pop(row, None)
+                verdicts.leave(row)
             for row, params, prompt_ids, _ in batch_update.added:
                 # Never raise here: an error would kill the engine for every request.
                 extra_args = params.extra_args or {}
@@ -86,40 +86,30 @@ class SafeInferLogitsProcessor(LogitsProcessor):
                     logger.warning("SafeInfer: a request's options do not resolve (%s); it "
                                    "runs with the server's defaults", error)
                 window = extra_args.get(GATE_WINDOW_ARG)
-                state.set_row(row, settings, len(prompt_ids or ()),
-                              extra_args.get(VECTOR_ARG),
+                prompt_len = len(prompt_ids or ())
+                state.set_row(row, settings, prompt_len, extra_args.get(VECTOR_ARG),
                               None if window is None else (int(window[0]), int(window[1])))
-                rows[row] = (extra_args.get(REQUEST_ARG), settings.mode)
+                verdicts.leave(row)
+                if settings.gated:
+                    verdicts.admit(row, extra_args.get(REQUEST_ARG), settings.mode, prompt_len)
             for a, b, direction in batch_update.moved:
                 if direction == MoveDirectionality.SWAP:
                     state.swap(a, b)
-                    rows[a], rows[b] = rows.get(b), rows.get(a)
+                    verdicts.swap(a, b)
                 else:
                     state.move(a, b)
-                    rows[b] = rows.pop(a, None)
-            for row in [r for r, v in rows.items() if v is None]:
-                del rows[row]
+                    verdicts.move(a, b)
         state.flush()
         if self.expert is not None:
-            self.changed_tokens.step(bool(batch_update is not None and batch_update.removed))
+            self.changed_tokens.step()
 
     def collect_verdicts(self) -> None:
-        """Log the harm probe's verdicts taken since the last call (also called between
-        steps by `Worker.safeinfer_gate_decisions`: after a request's last step the
-        engine may not step again for a while)."""
-        if self.state is None:
-            return
-        for row, flagged, score in self.state.read_verdicts():
-            request_id, defence = self._row_requests.get(row, (None, Mode.OFF))
-            self.gate_log.record(request_id, defence, flagged, score)
-        self._log_answer_flags(list(self._row_requests))
-
-    def _log_answer_flags(self, rows: list[int]) -> None:
-        """Log where the answer monitor flagged any of `rows` (read when a row leaves, and
-        when the verdicts are asked for)."""
-        for row, token in self.state.read_answer_flags(rows):
-            request_id, defence = self._row_requests.get(row, (None, Mode.OFF))
-            self.gate_log.record_answer_flag(request_id, defence, token)
+        """Log every verdict the forwards have taken so far, waiting for their copies (for
+        `Worker.safeinfer_gate_decisions` and `/metrics`, between steps: after a
+        request's last step the engine may not step again for a while)."""
+        if self.verdicts is not None:
+            self.verdicts.start()
+            self.verdicts.land(wait=True)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         state, expert = self.state, self.expert

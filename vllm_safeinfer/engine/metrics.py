@@ -4,19 +4,23 @@ vLLM does for several API servers; under plain `vllm serve`, set that variable t
 folder to see them).
 
 - `vllm_safeinfer:mixing_changed_tokens_total`: sampled rows whose greedy choice (the
-  argmax) mixing with the unsafe expert changed. Counted on the device and added here
-  every `READ_EVERY` steps, whenever requests finish and when the API server answers a
-  scrape of `/metrics` (`Worker.safeinfer_report_metrics`), so a step never waits for
-  the device. Rows the sampler processes in the middle of a chunked prefill count too: the
-  logits processor cannot tell them apart.
+  argmax) mixing with the unsafe expert changed. Counted on the device; every
+  `READ_EVERY` steps a copy of the count is queued behind the step's work and added here
+  once it has landed, so no step waits for the device; a scrape of `/metrics` (at most
+  one read of the workers per interval: `server/http_api.py`) waits for what is left
+  (`Worker.safeinfer_report_metrics`). Rows the sampler processes in the middle of a
+  chunked prefill count too: the logits processor cannot tell them apart.
 - `vllm_safeinfer:gate_decisions_total{defence, decision}`: requests in mode `auto` the
   harm probe flagged or let through.
 """
 from __future__ import annotations
 
+from collections import deque
 from functools import cache
 
 import torch
+
+from vllm_safeinfer.engine.host_copy import HostCopy
 
 READ_EVERY = 64  # engine steps between reads of the device-side count
 
@@ -36,26 +40,42 @@ def counters():
 
 
 class ChangedTokens:
-    """The mixing metric's device-side tally: `add` costs no host synchronisation;
-    `report` (every `READ_EVERY` steps, or when requests finish) reads it once."""
+    """The mixing metric's device-side tally: `add` costs no host synchronisation, nor
+    does `step`, which queues a copy of it every `READ_EVERY` steps; `report` waits."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, pin_memory: bool) -> None:
         self._count = torch.zeros((), dtype=torch.int64, device=device)
+        self._pin_memory = pin_memory
         self._steps = 0
+        self._in_flight: deque[HostCopy] = deque()
+        self.reads = 0  # copies added to the counter (tests read it)
 
     def add(self, before: torch.Tensor, after: torch.Tensor, rows: torch.Tensor) -> None:
         """Count `rows` whose argmax moved from `before` to `after`."""
         self._count += ((after != before) & rows).sum()
 
-    def step(self, requests_finished: bool) -> None:
-        """Called once per engine step; reads the tally when it is due."""
+    def step(self) -> None:
+        """Called once per engine step: queues a read when one is due, adds what landed."""
         self._steps += 1
-        if requests_finished or self._steps >= READ_EVERY:
-            self.report()
+        if self._steps >= READ_EVERY:
+            self._start()
+        self._land(wait=False)
 
     def report(self) -> None:
+        """Add everything counted so far (waits for the device)."""
+        self._start()
+        self._land(wait=True)
+
+    def _start(self) -> None:
         self._steps = 0
-        changed = int(self._count.item())
-        if changed:
-            self._count.zero_()
-            counters()["changed"].inc(changed)
+        self._in_flight.append(HostCopy((self._count,), self._pin_memory))
+        self._count.zero_()  # after the copy on the same stream
+
+    def _land(self, wait: bool) -> None:
+        while self._in_flight and (wait or self._in_flight[0].ready()):
+            copy = self._in_flight.popleft()
+            copy.wait()
+            self.reads += 1
+            changed = int(copy.values[0])
+            if changed:
+                counters()["changed"].inc(changed)

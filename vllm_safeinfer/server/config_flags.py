@@ -29,8 +29,8 @@ FLAGS: dict[str, dict[str, Any]] = {
     "expert_dtype": dict(help="expert dtype (default: the served model's)"),
     "expert_shares_weights": dict(
         action="store_const", const=True,
-        help="run an `ablate` expert on the served model's own weights (its memory: its KV "
-        "cache alone)"),
+        help="run an `ablate` expert on the served model's own weights, its rows inside the "
+        "served model's forward (its memory: its KV cache alone)"),
     "lam": dict(type=float, help="default lam of safety-guided decoding"),
     "allow_other_model_vectors": dict(
         action="store_const", const=True,

@@ -11,7 +11,9 @@ point (`--middleware`, which `safeinfer serve` passes for you):
   of `safeinfer serve`, or the environment variable `SAFEINFER_ADMIN_KEY`), never the
   inference key, and is refused (403) on a server that has none.
 - `GET /metrics` (vLLM's) first asks the workers to add the counts they hold on the
-  device to their counters, so a scrape sees every finished request.
+  device to their counters, so a scrape sees every finished request; at most once per
+  `WORKER_READ_INTERVAL_S` whatever the scrape rate (a read makes every worker wait for
+  its device between two steps), so a scrape may lag the device by that long.
 - Completion and chat requests have their `vllm_xargs` SafeInfer options validated as
   the client wrote them, before vLLM's request model converts them: it turns `true` into
   1 for a field that takes strings and numbers, so a `"safeinfer_gamma": true` would
@@ -38,6 +40,8 @@ from vllm_safeinfer.common.config import SafeInferConfig
 from vllm_safeinfer.common.vector_table import VectorTable
 
 logger = logging.getLogger(__name__)
+
+WORKER_READ_INTERVAL_S = 1.0
 
 PATH = "/v1/safeinfer"
 VECTORS_PATH = "/v1/safeinfer/vectors"
@@ -144,7 +148,9 @@ async def check_options(request, config: SafeInferConfig | None) -> str | None:
 async def safeinfer_endpoints(request, call_next: Callable[[Any], Awaitable[Any]]):
     path, state = request.url.path, request.app.state
     if path == METRICS_PATH and request.method == "GET" and _config(state) is not None:
-        await _report_worker_metrics(state.engine_client)
+        if not hasattr(state, "safeinfer_worker_reads"):
+            state.safeinfer_worker_reads = WorkerReads()
+        await state.safeinfer_worker_reads.report(state.engine_client)
         return await call_next(request)
     gate = path.startswith(GATE_PATH)
     if path not in GENERATION_PATHS and path not in (PATH, VECTORS_PATH) and not gate:
@@ -172,13 +178,30 @@ async def safeinfer_endpoints(request, call_next: Callable[[Any], Awaitable[Any]
     return JSONResponse(state.safeinfer_description)
 
 
-async def _report_worker_metrics(engine) -> None:
-    """The workers count on the device and add to their counters every few steps; a
-    scrape asks them to add what they hold now, so it sees every finished request."""
-    try:
-        await engine.collective_rpc("safeinfer_report_metrics")
-    except Exception:
-        logger.exception("SafeInfer: the workers' metrics could not be read for this scrape")
+class WorkerReads:
+    """The workers count on the device and add to their counters now and then; a scrape
+    asks them to add what they hold now, so it sees every finished request. One read at
+    a time, and none within `WORKER_READ_INTERVAL_S` of the last."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self._lock = asyncio.Lock()
+        self._last = float("-inf")
+
+    async def report(self, engine) -> None:
+        import time
+
+        async with self._lock:
+            now = time.monotonic()
+            if now - self._last < WORKER_READ_INTERVAL_S:
+                return
+            self._last = now
+            try:
+                await engine.collective_rpc("safeinfer_report_metrics")
+            except Exception:
+                logger.exception("SafeInfer: the workers' metrics could not be read for "
+                                 "this scrape")
 
 
 async def gate_decision(request, request_id: str):
