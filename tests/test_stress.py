@@ -49,13 +49,19 @@ def test_chunked_prefill_and_preemption_stay_exact(engine_pool, tiny_assets, ref
 
 @pytest.mark.parametrize("name", ARCHS)
 def test_prefix_caching_with_mixed_steering(engine_pool, tiny_assets, references, name):
+    """Every mode's second run of a prompt reads its first two blocks from the cache
+    (tiny Qwen2: the expert's KV of them too, from its own cache, inside the fused
+    forward) and still equals the reference."""
     assets = tiny_assets(name)
     llm = stress_engine(engine_pool, assets)
     shared = long_prompt(99, 70)
     cases = [Case("off"), Case("sa"), Case("sa", gamma=-2.0), Case("sgds"), Case("safeinfer")]
     prompts = [shared + [20 + i] for i in range(len(cases))]
     first = vllm_generate(llm, prompts, [sampling(c) for c in cases])
-    again = vllm_generate(llm, prompts[::-1], [sampling(c) for c in cases[::-1]])[::-1]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts[::-1]],
+                           [sampling(c) for c in cases[::-1]], use_tqdm=False)
+    assert [o.num_cached_tokens for o in outputs] == [64] * len(cases)
+    again = [list(o.outputs[0].token_ids) for o in outputs][::-1]
     want = reference_generate(references(name), assets, prompts, cases)
     assert first == want
     assert again == want
