@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from vllm_safeinfer.kernels.ops import mutating_op
-from vllm_safeinfer.kernels.steer import steered_tokens, token_slot
+from vllm_safeinfer.kernels.steer import steered_slot, steered_tokens
 
 _MAX_BLOCK_H = 2048
 
@@ -79,13 +79,10 @@ def _project_kernel(
 ):
     token = tl.program_id(0)
     if token < tl.load(query_start_loc_ptr + num_rows):
-        slot = token_slot(token, query_start_loc_ptr, slot_mapping_ptr, num_rows,
-                          SEARCH_STEPS, HAS_SLOT_MAPPING)
-        goal = tl.load(target_ptr + slot).to(tl.float32)
-        position = tl.load(positions_ptr + token)
-        first = tl.load(prompt_len_ptr + slot) - 1
-        in_window = (position >= first) & (position < first + tl.load(steer_tokens_ptr + slot))
-        if in_window & (goal != 0.0):
+        slot, goal, steered = steered_slot(
+            token, positions_ptr, query_start_loc_ptr, slot_mapping_ptr, target_ptr,
+            prompt_len_ptr, steer_tokens_ptr, num_rows, SEARCH_STEPS, HAS_SLOT_MAPPING)
+        if steered:
             unit = units_ptr + tl.load(vector_id_ptr + slot).to(tl.int64) * units_stride
             row_ptr = hidden_ptr + token.to(tl.int64) * hidden_stride
             along = tl.zeros((BLOCK_H,), dtype=tl.float32)

@@ -88,6 +88,22 @@ def token_slot(token, query_start_loc_ptr, slot_mapping_ptr, num_rows,
     return row.to(tl.int64)
 
 
+@triton.jit
+def steered_slot(token, positions_ptr, query_start_loc_ptr, slot_mapping_ptr, strength_ptr,
+                 prompt_len_ptr, steer_tokens_ptr, num_rows, SEARCH_STEPS: tl.constexpr,
+                 HAS_SLOT_MAPPING: tl.constexpr):
+    """(state slot, fp32 strength, whether it is steered) of a live token: its row's
+    strength is non-zero and its position in the row's window from the last prompt
+    token (`steered_tokens`, one token)."""
+    slot = token_slot(token, query_start_loc_ptr, slot_mapping_ptr, num_rows,
+                      SEARCH_STEPS, HAS_SLOT_MAPPING)
+    strength = tl.load(strength_ptr + slot).to(tl.float32)
+    position = tl.load(positions_ptr + token)
+    first = tl.load(prompt_len_ptr + slot) - 1
+    in_window = (position >= first) & (position < first + tl.load(steer_tokens_ptr + slot))
+    return slot, strength, in_window & (strength != 0.0)
+
+
 # An int argument equal to 1 would be compiled as a constant; R = 1 keeps the same code.
 @triton.jit(do_not_specialize=["num_rows"])
 def _steer_kernel(
@@ -110,13 +126,10 @@ def _steer_kernel(
 ):
     token = tl.program_id(0)
     if token < tl.load(query_start_loc_ptr + num_rows):
-        slot = token_slot(token, query_start_loc_ptr, slot_mapping_ptr, num_rows,
-                          SEARCH_STEPS, HAS_SLOT_MAPPING)
-        coef = tl.load(scale_ptr + slot).to(tl.float32)
-        position = tl.load(positions_ptr + token)
-        first = tl.load(prompt_len_ptr + slot) - 1
-        in_window = (position >= first) & (position < first + tl.load(steer_tokens_ptr + slot))
-        if in_window & (coef != 0.0):
+        slot, coef, steered = steered_slot(
+            token, positions_ptr, query_start_loc_ptr, slot_mapping_ptr, scale_ptr,
+            prompt_len_ptr, steer_tokens_ptr, num_rows, SEARCH_STEPS, HAS_SLOT_MAPPING)
+        if steered:
             vector = vectors_ptr + tl.load(vector_id_ptr + slot).to(tl.int64) * vectors_stride
             row_ptr = hidden_ptr + token.to(tl.int64) * hidden_stride
             for start in range(0, hidden_size, BLOCK_H):

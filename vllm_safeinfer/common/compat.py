@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import logging
+
+logger = logging.getLogger(__name__)
 
 # (module, attribute path) pairs the plugin patches or calls.
 REQUIRED_INTERNALS: tuple[tuple[str, str], ...] = (
@@ -94,9 +97,7 @@ def fit_fused_expert(vllm_config, shares_weights: bool) -> None:
     compilation = vllm_config.compilation_config
     if not shares_weights or compilation.cudagraph_mode in (None, CUDAGraphMode.NONE):
         return
-    import logging
-
-    logging.getLogger(__name__).warning(
+    logger.warning(
         "SafeInfer: expert_shares_weights runs the expert's rows inside the served model's "
         "forward, which CUDA graphs cannot capture yet; CUDA graphs are off for this "
         "engine (cudagraph_mode %s -> NONE)", compilation.cudagraph_mode)

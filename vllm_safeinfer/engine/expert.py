@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from vllm_safeinfer.common.config import SafeInferConfig
-from vllm_safeinfer.engine.expert_rows import ExpertRowPlanner, expert_inputs
+from vllm_safeinfer.engine.expert_rows import ExpertPlan, ExpertRowPlanner, expert_inputs
 
 MODEL_TAG = "safeinfer_expert"
 
@@ -37,6 +37,13 @@ class ExpertLogits:
         self.planner: ExpertRowPlanner | None = None
         self.planned_rows: torch.Tensor | None = None  # the last forward's plan
         self._batch: tuple[int, torch.Tensor | None, torch.Tensor] | None = None
+
+    def plan(self, num_tokens: int) -> ExpertPlan | None:
+        """This forward's plan (`ExpertRowPlanner.plan`), its logit rows kept for
+        `compute_logits`."""
+        step = self.planner.plan(num_tokens)
+        self.planned_rows = None if step is None else step.logit_rows
+        return step
 
     def put(self, num_rows: int, rows: torch.Tensor | None, logits: torch.Tensor) -> None:
         self._batch = (num_rows, rows, logits)
@@ -128,14 +135,8 @@ def install_expert(model: nn.Module, vllm_config, config: SafeInferConfig,
     base_compute_logits = model.compute_logits
     holder: ExpertLogits
     if config.expert_shares_weights:
-        def plan(num_tokens: int):
-            step = holder.planner.plan(num_tokens)
-            holder.planned_rows = None if step is None else step.logit_rows
-            return step
-
-        own, forward = install_shared_expert(
-            model, vllm_config, config.expert_model, MODEL_TAG,
-            2 * vllm_config.scheduler_config.max_num_batched_tokens, plan)
+        own, forward = install_shared_expert(model, vllm_config, config.expert_model,
+                                             MODEL_TAG, lambda tokens: holder.plan(tokens))
         holder = ExpertLogits(vllm_config.model_config.dtype, own)
         holder.planner = planner_of(attention_layer_names(own))
         expert_logits, shares_head = base_compute_logits, True
@@ -189,8 +190,7 @@ def _separate_forward(base_forward: Callable, expert: nn.Module, holder: ExpertL
 
     def forward(input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         hidden = base_forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
-        plan = holder.planner.plan(input_ids.shape[0])
-        holder.planned_rows = None if plan is None else plan.logit_rows
+        plan = holder.plan(input_ids.shape[0])
         if plan is None or plan.tokens is None:
             expert_hidden = expert(input_ids, positions, None, None).to(hidden.dtype)
         else:

@@ -171,7 +171,7 @@ def install_probe(model: nn.Module, state: BatchState, probe: HarmProbe, thresho
                   query_start_loc: torch.Tensor, max_tokens: int) -> None:
     """Hook the probe on its layers; call before `install_steering` (hooks run in the
     order they were registered, and the probe must read the stream unsteered).
-    `max_tokens` bounds the tokens of one forward (vLLM's batched-token budget)."""
+    `max_tokens` bounds the tokens of one forward (`shared_expert.forward_tokens`)."""
     layers = decoder_layers(model)
     token_score = torch.zeros(max_tokens, dtype=torch.float32, device=state.verdict.device)
     for index, layer in enumerate(probe.layers):

@@ -22,12 +22,12 @@ from vllm_safeinfer.common.request_options import (
 )
 from vllm_safeinfer.common.vector_table import VectorTable
 from vllm_safeinfer.engine.batch_state import BatchState
-from vllm_safeinfer.engine.verdict_reads import VerdictReads
 from vllm_safeinfer.engine.expert import ExpertLogits
 from vllm_safeinfer.engine.gate_log import GateLog
 from vllm_safeinfer.engine.metrics import ChangedTokens
 from vllm_safeinfer.engine.prefix_cache import GATE_WINDOW_ARG, REQUEST_ARG, VECTOR_ARG
 from vllm_safeinfer.engine.publishing import StagedVector
+from vllm_safeinfer.engine.verdict_reads import VerdictReads
 from vllm_safeinfer.kernels.mix import mix_
 
 logger = logging.getLogger(__name__)

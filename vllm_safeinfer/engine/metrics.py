@@ -48,7 +48,6 @@ class ChangedTokens:
         self._pin_memory = pin_memory
         self._steps = 0
         self._in_flight: deque[HostCopy] = deque()
-        self.reads = 0  # copies added to the counter (tests read it)
 
     def add(self, before: torch.Tensor, after: torch.Tensor, rows: torch.Tensor) -> None:
         """Count `rows` whose argmax moved from `before` to `after`."""
@@ -75,7 +74,6 @@ class ChangedTokens:
         while self._in_flight and (wait or self._in_flight[0].ready()):
             copy = self._in_flight.popleft()
             copy.wait()
-            self.reads += 1
             changed = int(copy.values[0])
             if changed:
                 counters()["changed"].inc(changed)

@@ -144,7 +144,7 @@ class SharedExpert(nn.Module):
 
 
 def install_shared_expert(model: nn.Module, vllm_config, expert: str, prefix: str,
-                          max_tokens: int, plan: Callable[[int], object | None]
+                          plan: Callable[[int], object | None]
                           ) -> tuple[SharedExpert, Callable]:
     """Fuse `expert`'s rows into `model`'s forward; returns the expert's own modules and
     the model's new `forward`, which appends the rows `plan(num_tokens)` names (its
@@ -171,7 +171,7 @@ def install_shared_expert(model: nn.Module, vllm_config, expert: str, prefix: st
     for layer in layers:
         layer.self_attn.register_forward_hook(ablate)
         layer.mlp.register_forward_hook(ablate)
-    _widen_compile_ranges(vllm_config, max_tokens)
+    _widen_compile_ranges(vllm_config)
     base_forward = model.forward
 
     def forward(input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
@@ -264,14 +264,21 @@ def _fused_attention_forward(served: nn.Module, expert_layer: str) -> Callable:
     return forward
 
 
-def _widen_compile_ranges(vllm_config, max_tokens: int) -> None:
-    """A fused forward holds up to twice the step's tokens: compile for that many."""
+def forward_tokens(scheduler_config, shares_weights: bool) -> int:
+    """The most tokens one forward of the served model holds: the step's token budget,
+    twice it when the expert's rows ride along."""
+    return scheduler_config.max_num_batched_tokens * (2 if shares_weights else 1)
+
+
+def _widen_compile_ranges(vllm_config) -> None:
+    """Compile for every token count a fused forward may hold."""
     compilation = vllm_config.compilation_config
     endpoints = compilation.compile_ranges_endpoints
     if endpoints:
         limit = vllm_config.scheduler_config.max_num_batched_tokens
         compilation.compile_ranges_endpoints = sorted(
-            {e for e in endpoints if e != limit} | {max_tokens})
+            {e for e in endpoints if e != limit}
+            | {forward_tokens(vllm_config.scheduler_config, shares_weights=True)})
 
 
 def _is_attention(module: nn.Module | None) -> bool:

@@ -12,6 +12,7 @@ from vllm_safeinfer.engine.expert import install_expert
 from vllm_safeinfer.engine.expert_rows import ExpertRowPlanner
 from vllm_safeinfer.engine.gating import install_probe
 from vllm_safeinfer.engine.logits_processor import FQCN, SafeInferLogitsProcessor
+from vllm_safeinfer.engine.shared_expert import forward_tokens
 from vllm_safeinfer.engine.steering import install_steering
 
 logger = logging.getLogger(__name__)
@@ -41,10 +42,9 @@ def install_into_worker(worker, config: SafeInferConfig) -> None:
     if config.probe is not None:
         probe = load_probe(config, runner.model_config, state.vectors.layers)
         threshold = probe.threshold if config.probe_threshold is None else config.probe_threshold
-        # A forward holding the shared expert's rows holds up to twice the step's tokens.
         install_probe(model, state, probe, threshold, query_start_loc,
-                      worker.vllm_config.scheduler_config.max_num_batched_tokens
-                      * (2 if config.expert_shares_weights else 1))
+                      forward_tokens(worker.vllm_config.scheduler_config,
+                                     config.expert_shares_weights))
     if state.vectors.layers:
         install_steering(model, state, query_start_loc)
     if config.has_expert:

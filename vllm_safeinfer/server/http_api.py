@@ -27,11 +27,13 @@ SafeInfer's endpoints are limited to `MAX_BODY_BYTES` (413).
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 import os
 import re
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -184,14 +186,10 @@ class WorkerReads:
     a time, and none within `WORKER_READ_INTERVAL_S` of the last."""
 
     def __init__(self) -> None:
-        import asyncio
-
         self._lock = asyncio.Lock()
         self._last = float("-inf")
 
     async def report(self, engine) -> None:
-        import time
-
         async with self._lock:
             now = time.monotonic()
             if now - self._last < WORKER_READ_INTERVAL_S:
