@@ -23,8 +23,9 @@ setup(
     python_requires=">=3.10",
     packages=["vllm_safeinfer", "vllm_safeinfer.common", "vllm_safeinfer.engine",
               "vllm_safeinfer.server", "vllm_safeinfer.data", "vllm_safeinfer.harmeval",
-              "vllm_safeinfer.models", "vllm_safeinfer.offline", "vllm_safeinfer.kernels"],
-    package_dir={"vllm_safeinfer.kernels": "kernels"},
+              "vllm_safeinfer.models", "vllm_safeinfer.offline", "vllm_safeinfer.offline.vector",
+              "vllm_safeinfer.offline.probe", "vllm_safeinfer.offline.expert",
+              "vllm_safeinfer.offline.workflows", "vllm_safeinfer.kernels"],
     package_data={
         "vllm_safeinfer": ["bundled/*.safetensors", "bundled/*.json", "bundled/*.md"],
         "vllm_safeinfer.data": ["README.md", "*/*.json", "*/*.jsonl", "*/*.csv", "*/LICENSE*",

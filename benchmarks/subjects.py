@@ -63,7 +63,7 @@ def resolve_subjects(args, workdir: Path) -> Subjects:
     random vector is written into `workdir` when none is given or bundled."""
     from vllm_safeinfer.common.vectors import bundled_vector_path
     from vllm_safeinfer.models import SMOLLM2, TINY_MODELS, expert_of, resolve_model
-    from vllm_safeinfer.offline.project_models import resolve_project_model
+    from vllm_safeinfer.offline.expert.project_models import resolve_project_model
 
     model = resolve_model(args.model)
     if args.expert:

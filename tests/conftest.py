@@ -102,8 +102,8 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Kernel comparisons run where the kernels can run (see tests/test_kernels.py)."""
-    from tests.test_kernels import runs_elsewhere
+    """Kernel comparisons run where the kernels can run (see tests/kernels/test_kernels.py)."""
+    from tests.kernels.test_kernels import runs_elsewhere
 
     elsewhere = [item for item in items
                  if item.module.__name__.endswith("test_kernels") and runs_elsewhere(item.name)]

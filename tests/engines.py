@@ -89,7 +89,7 @@ SHARED_EXPERT_MODELS = ("tiny-qwen2",)
 def ablated_expert(name: str, folder: Path) -> Path:
     """The `ablate` expert of a tiny model (direction found on a few default prompts)."""
     from vllm_safeinfer.offline.hf import load_model
-    from vllm_safeinfer.offline.refusal import (
+    from vllm_safeinfer.offline.vector.refusal import (
         default_prompts,
         find_refusal_direction,
         save_ablated_expert,
@@ -211,10 +211,13 @@ def shutdown(llm) -> None:
 
 
 def safeinfer_engine(engine_pool: EnginePool, assets: TinyAssets):
-    """The eager engine of a tiny model with SafeInfer configured (vectors a, b; expert)."""
+    """The eager engine of a tiny model with SafeInfer configured (vectors a, b, p; the
+    expert; the probe; a `vector_dir`, so vectors can be published to it)."""
+    published = str(Path(assets.probe).parent / "published")
     return engine_pool.get(
         f"eager:{assets.model}",
-        lambda: new_llm(assets.model, additional_config={"safeinfer": assets.safeinfer_config()}),
+        lambda: new_llm(assets.model, additional_config={
+            "safeinfer": assets.safeinfer_config(vector_dir=published)}),
     )
 
 

@@ -17,7 +17,7 @@ def test_wheel_contents(tmp_path):
     expected = {
         "vllm_safeinfer/plugin.py",
         "vllm_safeinfer/harmeval/run.py",
-        "vllm_safeinfer/offline/expert.py",
+        "vllm_safeinfer/offline/expert/finetune.py",
         "vllm_safeinfer/models/registry.py",
         "vllm_safeinfer/bundled/smollm2-135m-instruct.calibration.json",
         "vllm_safeinfer/kernels/steer.py",

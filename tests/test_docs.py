@@ -2,7 +2,7 @@
 README.md and docs/*.md, by kind (docs/testing.md says how each kind is checked).
 
 - `python` and `bash` blocks that talk to a server (they name `BASE`) run for real
-  against the session's `safeinfer serve` in tests/test_openai.py
+  against the session's `safeinfer serve` in tests/server/test_openai.py
   (`test_docs_client_examples_run_as_written`, where that server already runs);
 - the offline `LLM(...)` example runs for real on the tiny model, in a subprocess;
 - other `bash` blocks hold commands too long for the suite: each is checked without
@@ -93,12 +93,12 @@ def doc_blocks(pages=PAGES) -> list[Block]:
 
 
 def client_blocks() -> list[Block]:
-    """The examples that run against a server (`BASE`, `MODEL`): tests/test_openai.py."""
+    """The examples that run against a server (`BASE`, `MODEL`): tests/server/test_openai.py."""
     return [b for b in doc_blocks() if b.kind == "client"]
 
 
 def marked_blocks(test_file: str) -> list[Block]:
-    """The blocks marked `<!-- run by test_file -->` (e.g. "tests/test_publish.py")."""
+    """The blocks marked `<!-- run by test_file -->` (e.g. "tests/server/test_publish.py")."""
     return [b for b in doc_blocks() if b.run_by == test_file]
 
 
@@ -465,7 +465,8 @@ def test_module_paths_named_exist(page):
     assert not missing, f"{page.relative_to(ROOT)} names what does not exist: {missing}"
 
 
-def first_table(page: Path, heading: str) -> list[str]:
+def table_lines(page: Path, heading: str) -> list[str]:
+    """The first table under `heading`, header and separator included."""
     text = page.read_text()
     after = text[text.index(f"\n{heading}\n") + len(heading) + 2:]
     lines = after.split("\n")
@@ -475,23 +476,46 @@ def first_table(page: Path, heading: str) -> list[str]:
         if not line.startswith("|"):
             break
         table.append(line)
-    return [m.group(1) for line in table[2:] if (m := re.match(r"\| `([^`]+)`", line))]
+    return table
+
+
+def first_table(page: Path, heading: str) -> list[str]:
+    """The first cell (in backticks) of each row of the first table under `heading`."""
+    return [m.group(1) for line in table_lines(page, heading)[2:]
+            if (m := re.match(r"\| `([^`]+)`", line))]
+
+
+def after_table(page: Path, heading: str) -> str:
+    """The text between the first table under `heading` and the next heading."""
+    text = page.read_text()
+    table = "\n".join(table_lines(page, heading))
+    rest = text[text.index(table, text.index(f"\n{heading}\n")) + len(table):]
+    return rest.split("\n#", 1)[0]
 
 
 def test_configuration_tables_match_the_code():
-    from dataclasses import fields
-
+    """The keys table is `config_table()` and the flags table starts with `flags_table()`
+    (rendered from the keys' declarations): a key's help edited in one and not the other
+    fails here, with the table to paste."""
     from vllm_safeinfer.cli import build_parser
-    from vllm_safeinfer.common.config import SafeInferConfig
+    from vllm_safeinfer.common.config import CONFIG_KEYS, USER_KEYS, config_table
     from vllm_safeinfer.common.request_options import REQUEST_KEYS
+    from vllm_safeinfer.server.config_flags import FLAGS, flags_table
 
     page = ROOT / "docs" / "configuration.md"
-    keys = set(first_table(page, "## Server keys"))
-    assert keys == {f.name for f in fields(SafeInferConfig)} | {"vector"}
-    flags = {row.split()[0] for row in first_table(page, "## `--safeinfer-*` flags")}
+    keys = table_lines(page, "## Server keys")
+    assert "\n".join(keys) == config_table(), f"the Server keys table is:\n{config_table()}"
+    assert set(first_table(page, "## Server keys")) == USER_KEYS
+    heading = "## `--safeinfer-*` flags"
+    rendered = flags_table().split("\n")
+    flag_rows = table_lines(page, heading)
+    assert flag_rows[:len(rendered)] == rendered, f"the flags table starts:\n{flags_table()}"
+    flags = {row.split()[0] for row in first_table(page, heading)}
     serve = subparser(build_parser(), ["serve"])
     real = {s for a in serve._actions for s in a.option_strings if s.startswith("--safeinfer-")}
     assert flags == real, (sorted(flags - real), sorted(real - flags))
+    no_flag = [key.name for key in CONFIG_KEYS if key.name not in FLAGS]
+    assert all(f"`{name}`" in after_table(page, heading) for name in no_flag), no_flag
     options = set(first_table(page, "## Request options"))
     assert options == set(REQUEST_KEYS)
 

@@ -86,11 +86,13 @@ def test_every_block_hash_caller_sees_the_steering_key():
     from vllm.v1.core import block_pool, kv_cache_utils
     from vllm.v1.simple_kv_offload import manager
 
-    from vllm_safeinfer.engine.prefix_cache import KV_KEY_ARG
+    from vllm_safeinfer.common.contract import STAMP_ARG, Stamp
+    from vllm_safeinfer.common.modes import Mode
 
     register()
+    stamp = Stamp("r", Mode.SA, Mode.SA, vector_sha256="0" * 64, kv_key="k")
     request = SimpleNamespace(
-        sampling_params=SimpleNamespace(extra_args={KV_KEY_ARG: "k"}), num_prompt_tokens=10,
+        sampling_params=SimpleNamespace(extra_args={STAMP_ARG: stamp.to_args()}), num_prompt_tokens=10,
         prompt_embeds=None, lora_request=None, cache_salt=None, mm_features=[])
     for module in (kv_cache_utils, block_pool, manager):
         hash_keys = module.generate_block_hash_extra_keys

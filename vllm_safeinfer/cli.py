@@ -22,7 +22,7 @@ def _runs(parser: argparse.ArgumentParser, handler: str) -> None:
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="build the local test/demo models and print their paths")
     p.add_argument("names", nargs="*", help="model names (default: all)")
-    _runs(p, "vllm_safeinfer.offline.project_models:models_command")
+    _runs(p, "vllm_safeinfer.offline.expert.project_models:models_command")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +34,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="safeinfer-demo", help="report folder")
     p.add_argument("--limit", type=int, default=50, help="prompts per dataset")
     p.add_argument("--max-tokens", type=int, default=48)
-    _runs(p, "vllm_safeinfer.offline.demo:demo_command")
+    _runs(p, "vllm_safeinfer.offline.workflows.demo:demo_command")
 
 
 def _add_evidence(sub: argparse._SubParsersAction) -> None:
@@ -70,7 +70,7 @@ def _add_evidence(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-gate", action="store_true",
                    help="no harm probe: calibrate and evaluate the ungated modes only")
     p.add_argument("--out", default="safeinfer-evidence", help="report folder")
-    _runs(p, "vllm_safeinfer.offline.evidence:evidence_command")
+    _runs(p, "vllm_safeinfer.offline.workflows.evidence:evidence_command")
 
 
 def _add_vector(sub: argparse._SubParsersAction) -> None:
@@ -103,11 +103,11 @@ def _add_vector(sub: argparse._SubParsersAction) -> None:
                    "refusal-direction: the model's refusal direction (harmful minus harmless "
                    "mean activation at the layer whose ablation removes refusals), gamma 1 by "
                    "default")
-    _runs(b, "vllm_safeinfer.offline.vector_builder:vector_build_command")
+    _runs(b, "vllm_safeinfer.offline.vector.builder:vector_build_command")
 
     bundled = actions.add_parser("bundled", help="print the path of a bundled safety vector")
     bundled.add_argument("name", help="project model name, e.g. smollm2-135m-instruct")
-    _runs(bundled, "vllm_safeinfer.offline.vector_builder:vector_bundled_command")
+    _runs(bundled, "vllm_safeinfer.offline.vector.builder:vector_bundled_command")
 
     convert = actions.add_parser(
         "convert", help="write a copy of a vector that steers another way or at other "
@@ -125,13 +125,13 @@ def _add_vector(sub: argparse._SubParsersAction) -> None:
                          "(the last prompt token or the probe's flag), 0 for all (default: "
                          "the file's)")
     convert.add_argument("--gamma", type=float, help="default strength (default: the file's)")
-    _runs(convert, "vllm_safeinfer.offline.vector_builder:vector_convert_command")
+    _runs(convert, "vllm_safeinfer.offline.vector.builder:vector_convert_command")
 
     inspect = actions.add_parser(
         "inspect", help="print a safety vector file's metadata, norm and relative dose")
     inspect.add_argument("file",
                          help="FILE.safetensors, or a project model name for its bundled vector")
-    _runs(inspect, "vllm_safeinfer.offline.vector_builder:vector_inspect_command")
+    _runs(inspect, "vllm_safeinfer.offline.vector.builder:vector_inspect_command")
 
 
 def _add_expert(sub: argparse._SubParsersAction) -> None:
@@ -168,7 +168,7 @@ def _add_expert(sub: argparse._SubParsersAction) -> None:
                    help="distill: length of each generated answer")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    _runs(b, "vllm_safeinfer.offline.recipes:expert_build_command")
+    _runs(b, "vllm_safeinfer.offline.expert.recipes:expert_build_command")
 
 
 def _add_probe(sub: argparse._SubParsersAction) -> None:
@@ -209,11 +209,11 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
     b.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    _runs(b, "vllm_safeinfer.offline.probe_builder:probe_build_command")
+    _runs(b, "vllm_safeinfer.offline.probe.builder:probe_build_command")
 
     inspect = actions.add_parser("inspect", help="print a harm probe file's metadata")
     inspect.add_argument("file", help="FILE.safetensors")
-    _runs(inspect, "vllm_safeinfer.offline.probe_builder:probe_inspect_command")
+    _runs(inspect, "vllm_safeinfer.offline.probe.builder:probe_inspect_command")
 
 
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
@@ -247,7 +247,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the sweep in --report-dir")
     p.add_argument("--engine-args", default="{}", metavar="JSON", help="more vLLM engine "
                    "arguments (max_model_len: sized to the prompts unless given)")
-    _runs(p, "vllm_safeinfer.offline.calibrate:calibrate_command")
+    _runs(p, "vllm_safeinfer.offline.workflows.calibrate:calibrate_command")
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:

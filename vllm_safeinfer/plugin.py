@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 import os
 
-from vllm_safeinfer.common.config import SafeInferConfig
+from vllm_safeinfer.common import contract
+from vllm_safeinfer.common.config import IDENTITIES_KEY, SafeInferConfig
 
 logger = logging.getLogger(__name__)
 
@@ -78,28 +79,6 @@ def with_processor(processors: list | None) -> list:
     return [*processors, FQCN]
 
 
-def check_startup(vllm_config, config: SafeInferConfig) -> None:
-    """Everything that can be checked before the engine starts: supported features,
-    vector files against the model, the expert's vocabulary."""
-    from vllm_safeinfer.common.compat import check_supported
-    from vllm_safeinfer.common.model_identity import check_vector_model
-    from vllm_safeinfer.common.vector_table import VectorTable
-    from vllm_safeinfer.common.vectors import SafetyVector
-    from vllm_safeinfer.engine.expert import check_expert_compatible
-
-    check_supported(vllm_config)
-    table = VectorTable(config, vllm_config.model_config)
-    if config.probe is not None:
-        from vllm_safeinfer.engine.worker import load_probe
-
-        load_probe(config, vllm_config.model_config, table.layers)
-    for path in config.vectors.values():
-        check_vector_model(SafetyVector.load(path), vllm_config.model_config,
-                           allow_other_model=config.allow_other_model_vectors)
-    if config.has_expert:
-        check_expert_compatible(config, vllm_config.model_config)
-
-
 def _hook_engine_config() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
@@ -127,7 +106,12 @@ def _hook_engine_config() -> None:
                 )
         vllm_config = original(self, *args, **kwargs)
         if config is not None:
-            check_startup(vllm_config, config)
+            from vllm_safeinfer.common.startup import check_startup
+
+            # Every other process parses the config with each vector's identity.
+            checked = check_startup(vllm_config, config)
+            vllm_config.additional_config = {**vllm_config.additional_config,
+                                             IDENTITIES_KEY: dict(checked.vector_sha256)}
             fit_fused_expert(vllm_config, config.expert_shares_weights)
         return vllm_config
 
@@ -153,31 +137,30 @@ def _hook_worker() -> None:
     load_model._safeinfer = True
     Worker.load_model = load_model
 
-    def safeinfer_stage_vector(self, name: str, where: str, data: bytes, sha256: str) -> None:
+    def stage_vector(self, name: str, where: str, data: bytes, sha256: str) -> None:
         from vllm_safeinfer.engine.publishing import stage_vector
         from vllm_safeinfer.engine.worker import find_logits_processor
 
         stage_vector(find_logits_processor(self.model_runner), name, where, data, sha256)
 
-    def safeinfer_finish_publish(self, sha256: str, commit: bool) -> None:
-        from vllm_safeinfer.engine.publishing import finish_publish
+    def take_back_vector(self, sha256: str) -> None:
+        from vllm_safeinfer.engine.publishing import take_back_vector
         from vllm_safeinfer.engine.worker import find_logits_processor
 
-        finish_publish(find_logits_processor(self.model_runner), sha256, commit)
+        take_back_vector(find_logits_processor(self.model_runner), sha256)
 
-    Worker.safeinfer_stage_vector = safeinfer_stage_vector
-    Worker.safeinfer_finish_publish = safeinfer_finish_publish
-
-    def safeinfer_gate_decisions(self, request_ids: list[str]) -> dict[str, dict]:
+    def gate_decisions(self, request_ids: list[str]) -> dict[str, dict]:
         from vllm_safeinfer.engine.worker import gate_decisions
 
         return gate_decisions(self, request_ids)
 
-    Worker.safeinfer_gate_decisions = safeinfer_gate_decisions
-
-    def safeinfer_report_metrics(self) -> None:
+    def report_metrics(self) -> None:
         from vllm_safeinfer.engine.worker import report_metrics
 
         report_metrics(self)
 
-    Worker.safeinfer_report_metrics = safeinfer_report_metrics
+    for name, method in ((contract.STAGE_VECTOR, stage_vector),
+                         (contract.TAKE_BACK_VECTOR, take_back_vector),
+                         (contract.GATE_DECISIONS, gate_decisions),
+                         (contract.REPORT_METRICS, report_metrics)):
+        setattr(Worker, name, method)

@@ -11,7 +11,6 @@ logger = logging.getLogger(__name__)
 # (module, attribute path) pairs the plugin patches or calls.
 REQUIRED_INTERNALS: tuple[tuple[str, str], ...] = (
     ("vllm.engine.arg_utils", "EngineArgs.create_engine_config"),
-    ("vllm.v1.engine.input_processor", "InputProcessor._validate_params"),
     ("vllm.v1.engine.input_processor", "InputProcessor.process_inputs"),
     ("vllm.v1.core.kv_cache_utils", "_gen_prompt_embeds_extra_hash_keys"),
     ("vllm.v1.engine.core", "EngineCore.preprocess_add_request"),

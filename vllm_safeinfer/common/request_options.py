@@ -100,7 +100,8 @@ def resolve_request(extra_args: Mapping[str, Any] | None,
     if vector is not None:
         if not isinstance(vector, str) or vector not in config.vectors:
             raise ValueError(
-                f"{VECTOR_KEY} {vector!r} is not a loaded vector; loaded: {sorted(config.vectors)}"
+                f"{VECTOR_KEY} {vector!r} is not a loaded vector (the server's API key "
+                "lists them: GET /v1/safeinfer)"
             )
     gamma = check_gamma(GAMMA_KEY, given[GAMMA_KEY]) if GAMMA_KEY in given else None
     lam = check_lam(LAM_KEY, given[LAM_KEY]) if LAM_KEY in given else None
@@ -132,23 +133,48 @@ def resolve_or_defaults(extra_args: Mapping[str, Any] | None, config: SafeInferC
         return resolve_request(None, config), err
 
 
+def check_json_types(options: Mapping[str, Any]) -> None:
+    """What the OpenAI server's request models would hide: they read `vllm_xargs` values
+    as strings or numbers and turn JSON true/false into 1/0, so a `"safeinfer_gamma":
+    true` would steer at gamma 1. Checked on the raw JSON, before they convert it."""
+    for key, value in options.items():
+        if key.startswith(PREFIX) and isinstance(value, bool):
+            kind = "number" if key in (GAMMA_KEY, LAM_KEY) else "string"
+            raise ValueError(f"{key} must be a {kind}, got bool {value!r}")
+
+
+@dataclass
+class Validation:
+    """One request's validation in the frontend: the config it is checked against and,
+    once `validate` ran, what it resolved to (the frontend's metrics read it)."""
+
+    config: SafeInferConfig | None
+    settings: RequestSettings | None = None
+
+
 # `validate_params` (vLLM's logits-processor hook) receives only the SamplingParams, yet
-# the checks need the server's config. The frontend's InputProcessor knows it and sets it
-# here while it validates; a context variable, not a global, so two engines in one
-# process (tests, a Ray actor) each validate against their own config.
-_validating: ContextVar[SafeInferConfig | None] = ContextVar("safeinfer_config", default=None)
+# the checks need the server's config. The frontend's InputProcessor knows it and opens a
+# `Validation` here around each request; a context variable, not a global, so two engines
+# in one process (tests, a Ray actor) each validate against their own config.
+_validating: ContextVar[Validation | None] = ContextVar("safeinfer_validation", default=None)
 
 
 @contextlib.contextmanager
-def validating_with(config: SafeInferConfig | None) -> Iterator[None]:
-    """Within the block, `config_being_validated()` is `config`."""
-    token = _validating.set(config)
+def validating_with(config: SafeInferConfig | None) -> Iterator[Validation]:
+    """Within the block, `validate` checks against `config` and records the result."""
+    validation = Validation(config)
+    token = _validating.set(validation)
     try:
-        yield
+        yield validation
     finally:
         _validating.reset(token)
 
 
-def config_being_validated() -> SafeInferConfig | None:
-    """The config of the InputProcessor validating the current request, if any."""
-    return _validating.get()
+def validate(extra_args: Mapping[str, Any] | None) -> RequestSettings:
+    """The frontend's one resolution of a request (vLLM's `validate_params`), against the
+    config of the InputProcessor validating it (none outside one)."""
+    validation = _validating.get()
+    settings = resolve_request(extra_args, None if validation is None else validation.config)
+    if validation is not None:
+        validation.settings = settings
+    return settings

@@ -3,29 +3,23 @@ the API server (to check and describe), and in each worker (to steer).
 
 A vector is identified by the sha256 of its file's bytes: that identity names its row,
 is stamped on every request that steers with it (the engine core's prefix-cache key) and
-tells a worker which row a request steers with. With a `vector_dir`, `RELOAD_SLOTS` spare
-rows take vectors published while the server runs. Publishing is staged: `stage` adds
-the row (visible by its identity only), `bind` makes the name point at it, `unstage`
-takes a row back that no name was bound to. Bound rows are never reused, so a running
-request keeps the contents it started with.
+is all a worker goes by to pick a request's row. The bytes are those the API server read
+at start-up (`vector_files`). With a `vector_dir`, `RELOAD_SLOTS` spare rows take vectors
+published while the server runs. Publishing is staged: `stage` adds the row (reached by
+its identity only), `bind` makes the name point at it (the API server's table, which
+describes and checks), `unstage` takes back the last row taken, before any request was
+stamped with it. Rows in use are never reused, so a running request keeps the contents
+it started with.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 
 from vllm_safeinfer.common.config import SafeInferConfig
-from vllm_safeinfer.common.vectors import (
-    ADD,
-    PROJECT,
-    SafetyVector,
-    content_sha256,
-    read_vector_file,
-)
-
-logger = logging.getLogger(__name__)
+from vllm_safeinfer.common.vector_files import read_as, read_new
+from vllm_safeinfer.common.vectors import ADD, PROJECT, SafetyVector
 
 RELOAD_SLOTS = 16
 
@@ -62,14 +56,17 @@ class VectorTable:
     def __init__(self, config: SafeInferConfig, model_config) -> None:
         self.entries: dict[str, LoadedVector] = {}
         self.by_sha256: dict[str, LoadedVector] = {}
-        self._unknown: set[str] = set()
         self._config = config
         self._model_config = model_config
         rows = []
         for index, (name, path) in enumerate(sorted(config.vectors.items())):
-            data = read_vector_file(path)
+            sha256 = config.vector_sha256.get(name)
+            if sha256 is None:
+                data, sha256 = read_new(path)
+            else:
+                data = read_as(path, sha256)
             vector = SafetyVector.from_bytes(data, path)
-            entry = self._entry(name, path, vector, index, content_sha256(data))
+            entry = self._entry(name, path, vector, index, sha256)
             self.entries[name] = entry
             self.by_sha256.setdefault(entry.sha256, entry)
             rows.append(vector.vector.float())
@@ -155,19 +152,15 @@ class VectorTable:
         self.entries[name] = self.by_sha256[sha256]
         return self.entries[name]
 
-    def entry(self, name: str, sha256: str | None) -> LoadedVector:
-        """The entry a request steers with: the contents its stamp names, else `name`'s
-        (a request stamped with contents this process never loaded: a configured file
-        rewritten between the engine core's and this worker's start-up reads)."""
-        if sha256 is not None and sha256 not in self.by_sha256:
-            if sha256 not in self._unknown:
-                self._unknown.add(sha256)
-                logger.warning("SafeInfer: vector %r is stamped with contents %s that this "
-                               "process did not load (was its file rewritten while the "
-                               "server started?); steering with the %s it loaded", name,
-                               sha256[:12], self.entries[name].sha256[:12])
-            return self.entries[name]
-        return self.entries[name] if sha256 is None else self.by_sha256[sha256]
+    def row(self, sha256: str) -> LoadedVector:
+        """The entry of the contents a request is stamped with. Every process loads the
+        same bytes under the same identity (`vector_files`) and workers stage a published
+        vector before the engine core stamps it, so a miss is a broken invariant."""
+        entry = self.by_sha256.get(sha256)
+        if entry is None:
+            raise RuntimeError(f"SafeInfer: a request is stamped with vector contents "
+                               f"{sha256[:12]} that this process never loaded")
+        return entry
 
 
 def unit_rows(table: torch.Tensor) -> torch.Tensor:

@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from vllm_safeinfer.common.request_options import RequestSettings
+from vllm_safeinfer.common.contract import Stamp
 from vllm_safeinfer.common.vector_table import VectorTable
 from vllm_safeinfer.common.vectors import SafetyVector
-
-# A gated row's harm-probe verdict at its prompt, written on the device by the probe
-# (gating.py); a row let through may still be flagged later by the answer monitor.
-PENDING, LET_THROUGH, FLAGGED = 0, 1, 2
-# `flag_position` of a row not flagged: past any position, so nothing is steered.
-NEVER = 2**40
+# The probe's verdicts and `flag_position`'s "not flagged", written by its ops.
+from vllm_safeinfer.kernels.probe import FLAGGED, LET_THROUGH, NEVER
 
 
 class BatchState:
@@ -172,33 +168,38 @@ class BatchState:
         return taken
 
     def unstage_vector(self, sha256: str) -> None:
+        """Give a publication's row back (it failed before the engine core stamped any
+        request with it); refused while a running row steers with it."""
         index = self.vectors.by_sha256[sha256].index
+        in_use = (self._host["vector_id"] == index) & (self._host["steer_tokens"] > 0)
+        if bool(in_use.any()):
+            raise RuntimeError(f"SafeInfer: vector {sha256[:12]} is in use by a running "
+                               "request; its row stays")
         self.vectors.unstage(sha256)
         self.vector_table[index].zero_()
         self.unit_table[index].zero_()
 
-    def set_row(self, row: int, settings: RequestSettings, prompt_len: int,
-                vector_sha256: str | None = None,
-                read_window: tuple[int, int] | None = None) -> None:
-        """`read_window`: the prompt positions the probe reads (gated rows; the last prompt
-        token when not given)."""
+    def set_row(self, row: int, stamp: Stamp | None, prompt_len: int) -> None:
+        """The row's settings, all from the engine core's stamp (None: SafeInfer off)."""
         self.clear_row(row)
         h = self._host
         h["prompt_len"][row] = prompt_len
-        start, end = read_window or (prompt_len - 1, prompt_len)
+        start, end = (stamp and stamp.read_window) or (prompt_len - 1, prompt_len)
         h["read_start"][row], h["read_end"][row] = start, end
-        if settings.mode.steers:
-            entry = self.vectors.entry(settings.vector, vector_sha256)
-            gamma = entry.gamma if settings.gamma is None else settings.gamma
+        if stamp is None:
+            return
+        if stamp.runs.steers:
+            entry = self.vectors.row(stamp.vector_sha256)
+            gamma = entry.gamma if stamp.gamma is None else stamp.gamma
             strength, value = ("target", gamma * entry.norm) if entry.projects else ("scale", gamma)
             for layer in entry.layers:
                 h[strength][self.layer_slot[layer], row] = value
             h["vector_id"][row] = entry.index
             h["steer_tokens"][row] = entry.answer_tokens or NEVER
-        if settings.mode.mixes:
+        if stamp.runs.mixes:
             h["mixes"][row] = True
-            h["lam"][row] = settings.lam
-        h["gated"][row] = settings.gated
+            h["lam"][row] = stamp.lam
+        h["gated"][row] = stamp.gated
 
     def _per_row(self) -> tuple[torch.Tensor, ...]:
         return (*self._host.values(), self.verdict, self.score, self.window, self.answer,

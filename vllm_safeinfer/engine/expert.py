@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from vllm_safeinfer.common.config import SafeInferConfig
+from vllm_safeinfer.common.expert_files import expert_model_config
 from vllm_safeinfer.engine.expert_rows import ExpertPlan, ExpertRowPlanner, expert_inputs
 
 MODEL_TAG = "safeinfer_expert"
@@ -56,66 +57,6 @@ class ExpertLogits:
                 f"({None if batch is None else batch[0]} rows for {num_rows})"
             )
         return batch[1], batch[2]
-
-
-def expert_model_config(config: SafeInferConfig, base_model_config):
-    """vLLM ModelConfig of the expert: the served model's tokenizer and limits."""
-    from vllm.config import ModelConfig
-
-    return ModelConfig(
-        model=config.expert_model,
-        tokenizer=base_model_config.tokenizer,
-        dtype=config.expert_dtype or base_model_config.dtype,
-        seed=base_model_config.seed,
-        max_model_len=base_model_config.max_model_len,
-        enforce_eager=base_model_config.enforce_eager,
-        trust_remote_code=base_model_config.trust_remote_code,
-    )
-
-
-def check_expert_compatible(config: SafeInferConfig, base_model_config) -> None:
-    """Start-up check: the expert must share the served model's vocabulary (the mixing
-    compares the two distributions token by token)."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    path = config.expert_model
-    try:
-        expert_hf = AutoConfig.from_pretrained(path, trust_remote_code=base_model_config.trust_remote_code)
-        expert_tok = AutoTokenizer.from_pretrained(path, trust_remote_code=base_model_config.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"SafeInfer expert_model {path!r} cannot be loaded: {exc}") from exc
-    base_tok = AutoTokenizer.from_pretrained(
-        base_model_config.tokenizer, trust_remote_code=base_model_config.trust_remote_code,
-        revision=base_model_config.tokenizer_revision,
-    )
-    if expert_tok.get_vocab() != base_tok.get_vocab():
-        raise ValueError(
-            f"SafeInfer expert_model {path!r} has another vocabulary than the served model "
-            f"({len(expert_tok)} vs {len(base_tok)} tokens, or the same size with other "
-            "tokens): the expert must use the served model's tokenizer"
-        )
-    base_width = base_model_config.get_vocab_size()
-    expert_width = getattr(expert_hf.get_text_config(), "vocab_size", None)
-    if expert_width != base_width:
-        raise ValueError(
-            f"SafeInfer expert_model {path!r} has {expert_width} output logits, the served "
-            f"model {base_width}: their embedding sizes must match"
-        )
-    if getattr(expert_hf, "architectures", None) is None:
-        raise ValueError(f"SafeInfer expert_model {path!r}: config.json names no architecture")
-    if config.expert_shares_weights:
-        from vllm_safeinfer.engine.shared_expert import check_shared_expert
-
-        check_shared_expert(path, base_model_config)
-    if config.expert_dtype is not None:
-        expert_dtype = expert_model_config(config, base_model_config).dtype
-        if expert_dtype.itemsize > base_model_config.dtype.itemsize:
-            raise ValueError(
-                f"SafeInfer expert_dtype {config.expert_dtype!r} is more precise than the "
-                f"served model's {base_model_config.dtype}: the expert's attention would read "
-                "a KV cache kept in the served model's dtype (vLLM's CPU attention aborts on "
-                "it). Use the served model's dtype or a lower one (a bf16 expert beside an "
-                "fp32 model works)")
 
 
 def install_expert(model: nn.Module, vllm_config, config: SafeInferConfig,

@@ -1,36 +1,29 @@
 """`SafeInferLogitsProcessor`: vLLM's per-request hook for SafeInfer.
 
 It validates request options at the frontend (`validate_params`: a ValueError there is
-an HTTP 400 and the engine keeps serving), tracks which batch row runs which settings
-(`update_state`, called before every forward, so it also feeds the steering kernel and
-collects the harm probe's verdicts), and mixes the unsafe expert's distribution into
+an HTTP 400 and the engine keeps serving; the one resolution of the frontend, handed to
+its metrics), tracks which batch row runs which settings (`update_state`, called before
+every forward: each row's settings are what the engine core stamped on its request, so
+it also feeds the steering kernel and collects the harm probe's verdicts), and mixes the unsafe expert's distribution into
 the rows that ask for it and that the probe did not let through (`apply`).
 """
 from __future__ import annotations
-
-import logging
 
 import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from vllm_safeinfer.common.config import SafeInferConfig
-from vllm_safeinfer.common.request_options import (
-    config_being_validated,
-    resolve_or_defaults,
-    resolve_request,
-)
+from vllm_safeinfer.common.contract import Stamp
+from vllm_safeinfer.common.request_options import validate
 from vllm_safeinfer.common.vector_table import VectorTable
 from vllm_safeinfer.engine.batch_state import BatchState
 from vllm_safeinfer.engine.expert import ExpertLogits
 from vllm_safeinfer.engine.gate_log import GateLog
 from vllm_safeinfer.engine.metrics import ChangedTokens
-from vllm_safeinfer.engine.prefix_cache import GATE_WINDOW_ARG, REQUEST_ARG, VECTOR_ARG
 from vllm_safeinfer.engine.publishing import StagedVector
 from vllm_safeinfer.engine.verdict_reads import VerdictReads
 from vllm_safeinfer.kernels.mix import mix_
-
-logger = logging.getLogger(__name__)
 
 FQCN = "vllm_safeinfer:SafeInferLogitsProcessor"
 
@@ -40,7 +33,7 @@ class SafeInferLogitsProcessor(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
-        resolve_request(sampling_params.extra_args, config_being_validated())
+        validate(sampling_params.extra_args)
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         from vllm.tokenizers import cached_tokenizer_from_config
@@ -79,19 +72,12 @@ class SafeInferLogitsProcessor(LogitsProcessor):
                 state.clear_row(row)
                 verdicts.leave(row)
             for row, params, prompt_ids, _ in batch_update.added:
-                # Never raise here: an error would kill the engine for every request.
-                extra_args = params.extra_args or {}
-                settings, error = resolve_or_defaults(extra_args, self.config)
-                if error is not None:
-                    logger.warning("SafeInfer: a request's options do not resolve (%s); it "
-                                   "runs with the server's defaults", error)
-                window = extra_args.get(GATE_WINDOW_ARG)
+                stamp = Stamp.of(params.extra_args)
                 prompt_len = len(prompt_ids or ())
-                state.set_row(row, settings, prompt_len, extra_args.get(VECTOR_ARG),
-                              None if window is None else (int(window[0]), int(window[1])))
+                state.set_row(row, stamp, prompt_len)
                 verdicts.leave(row)
-                if settings.gated:
-                    verdicts.admit(row, extra_args.get(REQUEST_ARG), settings.mode, prompt_len)
+                if stamp is not None and stamp.gated:
+                    verdicts.admit(row, stamp.request_id, stamp.runs, prompt_len)
             for a, b, direction in batch_update.moved:
                 if direction == MoveDirectionality.SWAP:
                     state.swap(a, b)

@@ -23,10 +23,13 @@ of a mixing request carries one more key: mixing requests share blocks among
 themselves (all hold the expert's KV) and never with `off` or `sa` requests (whose
 blocks lack it).
 
-The engine core decides each request's steering identity itself, from the request's own
-options and its own config, as the request arrives (`EngineCore.preprocess_add_request`,
-before vLLM hashes the prompt's blocks): a request handed to the engine without the
-frontend's validation, or carrying a forged identity, still gets the right one. The key
+The engine core resolves each request's options itself, from the request's own options
+and its own config, as the request arrives (`EngineCore.preprocess_add_request`, before
+vLLM hashes the prompt's blocks), and stamps the result (`common/contract.Stamp`): the
+workers build their rows from that stamp alone. A request handed to the engine without
+the frontend's validation, or carrying a forged stamp, still gets the right one. The
+engine core reads no vector file: each vector's identity comes in the config, from the
+API server's one read (`common/vector_files`). The key
 joins the block hash through a helper that `generate_block_hash_extra_keys` looks up in
 its own module on every call, so every caller of it sees the key, wherever it was
 imported (the block pool, the KV offloading manager).
@@ -36,48 +39,54 @@ from __future__ import annotations
 import logging
 
 from vllm_safeinfer.common.config import SafeInferConfig
+from vllm_safeinfer.common.contract import PUBLISH_VECTOR, STAMP_ARG, Stamp
+from vllm_safeinfer.common.modes import Mode
 from vllm_safeinfer.common.request_options import resolve_or_defaults
-from vllm_safeinfer.common.vectors import content_sha256, read_vector_file
 
 logger = logging.getLogger(__name__)
 
-KV_KEY_ARG = "_safeinfer_kv"
-VECTOR_ARG = "_safeinfer_vector_sha256"
-EXPERT_KV_ARG = "_safeinfer_expert_kv"
-REQUEST_ARG = "_safeinfer_request"
-GATE_WINDOW_ARG = "_safeinfer_gate_window"
-STAMPS = (KV_KEY_ARG, VECTOR_ARG, EXPERT_KV_ARG, REQUEST_ARG, GATE_WINDOW_ARG)
 EXPERT_KEY = ("safeinfer", "expert-kv")
+
+
+def _stamp(request) -> Stamp | None:
+    params = request.sampling_params
+    return None if params is None else Stamp.of(params.extra_args)
 
 
 def steering_block_key(request, end_token_idx: int) -> list[tuple]:
     """Extra hash keys for the block ending at `end_token_idx` (exclusive)."""
-    params = request.sampling_params
-    extra_args = (params.extra_args or {}) if params is not None else {}
-    keys = [EXPERT_KEY] if extra_args.get(EXPERT_KV_ARG) else []
-    key = extra_args.get(KV_KEY_ARG)
+    stamp = _stamp(request)
+    if stamp is None:
+        return []
+    keys = [EXPERT_KEY] if stamp.writes_expert_kv else []
     boundary = request.num_prompt_tokens - 1  # the first steered or gated position
-    if key is not None and end_token_idx > boundary:
-        keys.append(("safeinfer", key, boundary))
+    if stamp.kv_key is not None and end_token_idx > boundary:
+        keys.append(("safeinfer", stamp.kv_key, boundary))
     return keys
 
 
 def cacheable_tokens(request) -> int | None:
     """How many leading tokens a gated request may read from the prefix cache (the start
     of its probe's read window); None for any other request."""
-    params = request.sampling_params
-    window = ((params.extra_args or {}) if params is not None else {}).get(GATE_WINDOW_ARG)
-    return None if window is None else int(window[0])
+    stamp = _stamp(request)
+    return None if stamp is None or stamp.read_window is None else stamp.read_window[0]
 
 
 class EngineCoreState:
     """What the engine core knows to stamp requests: the config, the content identity
-    (sha256) each vector name means now, the harm probe and its identity."""
+    (sha256) each vector name means now (from the config: the API server's read), the
+    harm probe and its identity."""
 
     def __init__(self, config: SafeInferConfig | None) -> None:
         self.config = config
-        self.vectors: dict[str, str] = {} if config is None else {
-            name: content_sha256(read_vector_file(path)) for name, path in config.vectors.items()}
+        self.vectors: dict[str, str] = {}
+        if config is not None:
+            missing = sorted(set(config.vectors) - set(config.vector_sha256))
+            if missing:
+                raise ValueError(f"SafeInfer: vectors {missing} reached the engine core "
+                                 "without the identity the API server read them with; start "
+                                 "the engine through vLLM's EngineArgs with the plugin loaded")
+            self.vectors = dict(config.vector_sha256)
         self.probe = None
         if config is not None and config.probe is not None:
             from vllm_safeinfer.common.probe import HarmProbe
@@ -89,18 +98,19 @@ class EngineCoreState:
         """From now on requests naming `name` steer with (and are keyed by) `sha256`."""
         if self.config is None:
             raise ValueError("SafeInfer is not configured on this engine")
-        self.config = self.config.with_vector(name, where)
+        self.config = self.config.with_vector(name, where, sha256)
         self.vectors[name] = sha256
 
     def stamp(self, request) -> None:
-        """Write the engine core's own cache identity (steering, gating, the expert's KV),
-        the identity of the vector it steers with, a gated request's probe read window
-        and the request's id (read by the worker) into an `EngineCoreRequest`'s
-        `extra_args`, replacing whatever the request carried under those keys."""
+        """Resolve the request's options once, against this engine core's config, and
+        write the result (`Stamp`: the mode, the vector's identity, the strengths, the
+        cache key, a gated request's probe read window, the request's id) into the
+        `EngineCoreRequest`'s `extra_args`, replacing whatever the request carried
+        there."""
         params = request.sampling_params
         if params is None:
             return
-        extra_args = {k: v for k, v in (params.extra_args or {}).items() if k not in STAMPS}
+        extra_args = {k: v for k, v in (params.extra_args or {}).items() if k != STAMP_ARG}
         config = self.config
         if config is not None:
             settings, error = resolve_or_defaults(extra_args, config)
@@ -109,18 +119,14 @@ class EngineCoreState:
                                "not resolve (%s); it runs with the server's defaults",
                                request.request_id, error)
             vector = self.vectors.get(settings.vector) if settings.mode.steers else None
-            key = settings.kv_key(vector, self.gate)
-            if key is not None:
-                extra_args[KV_KEY_ARG] = key
-            if vector is not None:
-                extra_args[VECTOR_ARG] = vector
-            if settings.mode.mixes:
-                extra_args[EXPERT_KV_ARG] = True
+            window = None
             if settings.gated and self.probe is not None and request.prompt_token_ids:
-                extra_args[GATE_WINDOW_ARG] = list(
-                    self.probe.read_window(request.prompt_token_ids))
-            extra_args[REQUEST_ARG] = (getattr(request, "external_req_id", None)
-                                       or request.request_id)
+                window = tuple(self.probe.read_window(request.prompt_token_ids))
+            extra_args[STAMP_ARG] = Stamp(
+                request_id=getattr(request, "external_req_id", None) or request.request_id,
+                mode=Mode.AUTO if settings.gated else settings.mode, runs=settings.mode,
+                vector_sha256=vector, gamma=settings.gamma, lam=settings.lam,
+                kv_key=settings.kv_key(vector, self.gate), read_window=window).to_args()
         params.extra_args = extra_args or None
 
 
@@ -159,8 +165,8 @@ def install() -> None:
         safeinfer_state(self).stamp(request)
         return original_preprocess(self, request)
 
-    def safeinfer_publish_vector(self, name: str, where: str, sha256: str) -> None:
-        """Utility call from the frontend, after every worker staged the contents."""
+    def publish_vector(self, name: str, where: str, sha256: str) -> None:
+        """Utility call from the API server, after every worker staged the contents."""
         safeinfer_state(self).publish(name, where, sha256)
 
     original_computed = KVCacheManager.get_computed_blocks
@@ -180,4 +186,4 @@ def install() -> None:
     KVCacheManager.get_computed_blocks = get_computed_blocks
     kv_cache_utils._gen_prompt_embeds_extra_hash_keys = _gen_prompt_embeds_extra_hash_keys
     EngineCore.preprocess_add_request = preprocess_add_request
-    EngineCore.safeinfer_publish_vector = safeinfer_publish_vector
+    setattr(EngineCore, PUBLISH_VECTOR, publish_vector)

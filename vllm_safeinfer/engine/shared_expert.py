@@ -25,7 +25,6 @@ the unablated model is compared with the served checkpoint's.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -34,10 +33,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vllm_safeinfer.common.expert_files import DIRECTION_FILE, DIRECTION_KEY, EXPERT_METADATA
+from vllm_safeinfer.common.expert_files import DIRECTION_FILE, DIRECTION_KEY
 from vllm_safeinfer.kernels.ops import mutating_op
 
-ABLATE = "ablate"
 _SCALE_ATTRIBUTES = ("_k_scale_float", "_v_scale_float", "_q_scale_float")
 
 
@@ -99,38 +97,6 @@ def read_direction(folder: str | Path) -> torch.Tensor:
 
     difference = load_file(str(Path(folder) / DIRECTION_FILE))[DIRECTION_KEY].float()
     return difference / difference.norm()
-
-
-def check_shared_expert(expert: str, model_config) -> None:
-    """Start-up check: `expert` is an `ablate` expert with its direction, made from the
-    served checkpoint's weights (same fingerprint)."""
-    from vllm_safeinfer.common.model_identity import checkpoint_fingerprint, local_checkpoint
-
-    where = f"SafeInfer expert_model {expert!r} with expert_shares_weights"
-    try:
-        metadata = json.loads((Path(expert) / EXPERT_METADATA).read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{where}: no readable {EXPERT_METADATA} ({exc}); only an expert "
-                         "built by `safeinfer expert build --method ablate` can share the "
-                         "served model's weights") from exc
-    if metadata.get("method") != ABLATE:
-        raise ValueError(f"{where}: it was built by the {metadata.get('method')!r} recipe; "
-                         "only an `ablate` expert is the served model's own weights minus a "
-                         "direction, so only it can share them")
-    if not (Path(expert) / DIRECTION_FILE).is_file():
-        raise ValueError(f"{where}: its direction file {DIRECTION_FILE} is missing")
-    recorded = metadata.get("base_model_fingerprint")
-    folder = local_checkpoint(model_config.model, getattr(model_config, "revision", None))
-    served = None if folder is None else checkpoint_fingerprint(folder)
-    if recorded is None or served is None:
-        why = ("it records no fingerprint of its base: rebuild it" if recorded is None
-               else "the served checkpoint has no local safetensors files")
-        raise ValueError(f"{where}: cannot check that it was made from the served model "
-                         f"({why})")
-    if recorded != served:
-        raise ValueError(f"{where}: it was made from other weights than the served model's "
-                         f"({model_config.model}); sharing would serve another expert than "
-                         "the one built")
 
 
 class SharedExpert(nn.Module):

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 
 from vllm_safeinfer.common.modes import Mode
-from vllm_safeinfer.engine.batch_state import FLAGGED, LET_THROUGH, NEVER, PENDING, BatchState
+from vllm_safeinfer.engine.batch_state import BatchState
 from vllm_safeinfer.engine.gate_log import GateLog
 from vllm_safeinfer.engine.host_copy import HostCopy
+from vllm_safeinfer.kernels.probe import FLAGGED, LET_THROUGH, NEVER, PENDING
 
 
 @dataclass(eq=False)

@@ -7,7 +7,7 @@ import logging
 
 from vllm_safeinfer.common.compat import check_runner_internals
 from vllm_safeinfer.common.config import SafeInferConfig
-from vllm_safeinfer.common.probe import HarmProbe
+from vllm_safeinfer.common.startup import load_probe
 from vllm_safeinfer.engine.expert import install_expert
 from vllm_safeinfer.engine.expert_rows import ExpertRowPlanner
 from vllm_safeinfer.engine.gating import install_probe
@@ -67,21 +67,6 @@ def install_into_worker(worker, config: SafeInferConfig) -> None:
             "unknown (the file records no residual norm)" if entry.dose is None
             else f"{entry.dose:.3g}",
         )
-
-
-def load_probe(config: SafeInferConfig, model_config, steered_layers) -> HarmProbe:
-    """The configured harm probe, checked against the model and the steered layers (the
-    verdict must be in place before any steering add of the same forward)."""
-    from vllm_safeinfer.common.model_identity import check_vector_model
-
-    probe = HarmProbe.load(config.probe)
-    probe.check_compatible(model_config)
-    check_vector_model(probe, model_config, allow_other_model=config.allow_other_model_vectors)
-    if steered_layers and probe.layer > min(steered_layers):
-        raise ValueError(f"{config.probe}: the harm probe reads layer {probe.layer}, above the "
-                         f"steered layer {min(steered_layers)}; its verdict must come at or "
-                         "below every steered layer (rebuild it with --vector)")
-    return probe
 
 
 def gate_decisions(worker, request_ids: list[str]) -> dict[str, dict]:

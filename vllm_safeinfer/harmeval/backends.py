@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import openai
 
+from vllm_safeinfer.common.contract import GATE_DECISIONS
 from vllm_safeinfer.harmeval.http import ChatEndpoint, NotACompletion, describe, is_transient
 
 
@@ -109,7 +110,7 @@ class EngineBackend:
         when SafeInfer is not configured)."""
         if not self._safeinfer:
             return {}
-        [found, *_] = self.llm.collective_rpc("safeinfer_gate_decisions", args=(request_ids,))
+        [found, *_] = self.llm.collective_rpc(GATE_DECISIONS, args=(request_ids,))
         return found
 
 

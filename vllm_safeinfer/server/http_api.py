@@ -14,16 +14,23 @@ point (`--middleware`, which `safeinfer serve` passes for you):
   device to their counters, so a scrape sees every finished request; at most once per
   `WORKER_READ_INTERVAL_S` whatever the scrape rate (a read makes every worker wait for
   its device between two steps), so a scrape may lag the device by that long.
-- Completion and chat requests have their `vllm_xargs` SafeInfer options validated as
-  the client wrote them, before vLLM's request model converts them: it turns `true` into
-  1 for a field that takes strings and numbers, so a `"safeinfer_gamma": true` would
-  otherwise steer at gamma 1 instead of being refused.
+- Every door: a request's SafeInfer options are resolved and checked once, in the
+  frontend's InputProcessor, which every route that reaches the engine goes through
+  (`/v1/completions`, `/v1/chat/completions`, `/v1/responses`, `/v1/messages`,
+  `/invocations`, ...), so they answer alike. Here only the raw JSON types of
+  `vllm_xargs` are checked (`request_options.check_json_types`), on any JSON POST, before
+  vLLM's request models turn `true` into 1 (a `"safeinfer_gamma": true` would otherwise
+  steer at gamma 1).
 
 vLLM adds `--middleware` entries outside its own API-key check, so this one checks keys
-before it reads any body: with `--api-key` (or `VLLM_API_KEY`) set, SafeInfer's read-only
-endpoints answer 401 without the key as `Authorization: Bearer`, and a generation request
-without it goes straight to vLLM's check (a 401), its options unread. Bodies on
-SafeInfer's endpoints are limited to `MAX_BODY_BYTES` (413).
+before it reads any body. With `--api-key` (or `VLLM_API_KEY`) set, vLLM guards only the
+paths under `/v1`, `/v2`, `/inference` and `/cohere`; this middleware answers 401 without
+the key as `Authorization: Bearer` on every other path too (`/invocations`, `/tokenize`,
+`/pooling`, the dev and RL routes, ...) except `OPEN_PATHS` (health, ping, version, load,
+metrics and the API docs), and a request to a guarded path without the key goes straight
+to vLLM's 401, its body unread. Error messages never list vector names: a client learns
+them only from `GET /v1/safeinfer`, behind the key. Bodies on SafeInfer's endpoints are
+limited to `MAX_BODY_BYTES` (413).
 """
 from __future__ import annotations
 
@@ -39,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_safeinfer.common.config import SafeInferConfig
+from vllm_safeinfer.common.contract import GATE_DECISIONS, REPORT_METRICS
 from vllm_safeinfer.common.vector_table import VectorTable
 
 logger = logging.getLogger(__name__)
@@ -49,7 +57,10 @@ PATH = "/v1/safeinfer"
 VECTORS_PATH = "/v1/safeinfer/vectors"
 GATE_PATH = "/v1/safeinfer/gate/"
 VECTOR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+# What stays reachable without the API key: liveness, the version, the load, the
+# Prometheus scrape and the API's docs.
+OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/load", "/metrics", "/docs",
+                        "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 METRICS_PATH = "/metrics"
 MIDDLEWARE = f"{__name__}.safeinfer_endpoints"
 ADMIN_KEY_ENV = "SAFEINFER_ADMIN_KEY"
@@ -129,10 +140,12 @@ async def limited_body(request, limit: int = MAX_BODY_BYTES) -> bytes:
     return bytes(body)
 
 
-async def check_options(request, config: SafeInferConfig | None) -> str | None:
-    """The error in a generation request's raw SafeInfer options, if any."""
-    from vllm_safeinfer.common.request_options import resolve_request
+async def check_options(request) -> str | None:
+    """The error in the raw JSON types of a request's `vllm_xargs`, if any."""
+    from vllm_safeinfer.common.request_options import check_json_types
 
+    if not request.headers.get("content-type", "").startswith("application/json"):
+        return None
     try:
         body = json.loads(await request.body())
     except ValueError:
@@ -141,10 +154,17 @@ async def check_options(request, config: SafeInferConfig | None) -> str | None:
     if not isinstance(xargs, dict):
         return None
     try:
-        resolve_request(xargs, config)
+        check_json_types(xargs)
     except ValueError as err:
         return str(err)
     return None
+
+
+def guarded_by_vllm(path: str) -> bool:
+    """Whether vLLM's own API-key middleware checks `path`."""
+    from vllm.entrypoints.serve.middleware.authenticate import GUARDED_PREFIX
+
+    return path.startswith(GUARDED_PREFIX)
 
 
 async def safeinfer_endpoints(request, call_next: Callable[[Any], Awaitable[Any]]):
@@ -155,24 +175,35 @@ async def safeinfer_endpoints(request, call_next: Callable[[Any], Awaitable[Any]
         await state.safeinfer_worker_reads.report(state.engine_client)
         return await call_next(request)
     gate = path.startswith(GATE_PATH)
-    if path not in GENERATION_PATHS and path not in (PATH, VECTORS_PATH) and not gate:
-        return await call_next(request)
     keys = api_keys(state.args)
-    if path in GENERATION_PATHS:
-        if request.method != "POST" or not authorized(request.headers, keys):
-            return await call_next(request)  # vLLM answers (a 401 without the key)
-        message = await check_options(request, _config(state))
-        return error(400, message) if message else await call_next(request)
     if path == VECTORS_PATH:
         return await publish(request)
+    if path == PATH or gate:
+        return await read_only(request, path, gate, keys)
+    if request.method == "OPTIONS" or path in OPEN_PATHS:
+        return await call_next(request)
+    if not authorized(request.headers, keys):
+        if guarded_by_vllm(path):
+            return await call_next(request)  # vLLM answers 401, the body unread
+        return error(401, "unauthorized: send the server's API key")
+    if request.method == "POST":
+        message = await check_options(request)
+        if message:
+            return error(400, message)
+    return await call_next(request)
+
+
+async def read_only(request, path: str, gate: bool, keys: list[str]):
+    """`GET /v1/safeinfer` and `GET /v1/safeinfer/gate/ID`, behind the API key."""
+    from fastapi.responses import JSONResponse
+
     if not authorized(request.headers, keys):
         return error(401, "unauthorized: send the server's API key")
     if request.method != "GET":
         return error(405, f"{path if not gate else GATE_PATH + 'ID'} is read-only: use GET")
     if gate:
         return await gate_decision(request, path[len(GATE_PATH):])
-    from fastapi.responses import JSONResponse
-
+    state = request.app.state
     if not hasattr(state, "safeinfer_description"):
         config = _config(state)
         state.safeinfer_description = describe(
@@ -196,7 +227,7 @@ class WorkerReads:
                 return
             self._last = now
             try:
-                await engine.collective_rpc("safeinfer_report_metrics")
+                await engine.collective_rpc(REPORT_METRICS)
             except Exception:
                 logger.exception("SafeInfer: the workers' metrics could not be read for "
                                  "this scrape")
@@ -209,7 +240,7 @@ async def gate_decision(request, request_id: str):
     if _config(request.app.state) is None or not request_id:
         return error(404, "no gate decision: SafeInfer is not configured")
     found = await request.app.state.engine_client.collective_rpc(
-        "safeinfer_gate_decisions", args=([request_id],))
+        GATE_DECISIONS, args=([request_id],))
     decision = found[0].get(request_id) if found else None
     if decision is None:
         return error(404, f"no gate decision for {request_id!r} (not in mode auto, "

@@ -3,10 +3,12 @@ nothing.
 
 The API server reads `vector_dir/NAME.safetensors` once and checks it (file, model,
 table); from then on only those bytes travel: every worker receives them with their
-sha256 and verifies both on arrival before staging a row (`engine/publishing.py`), then
-the engine core switches the name to the new identity (`engine/prefix_cache.py`), then the
-workers bind the name. A failure at any step takes the staged rows back: every process
-keeps the vector it had, no slot stays used, and the error says which step failed.
+sha256 and verifies both on arrival before staging a row reached by that identity alone
+(`engine/publishing.py`), then the engine core switches the name to the new identity
+(`engine/prefix_cache.py`): that switch is the commit, since workers steer by the
+identity each request is stamped with. A failure at either step takes the staged rows
+back before any request was stamped with them: every process keeps the vector it had,
+no slot stays used, and the client gets an error saying which step failed.
 """
 from __future__ import annotations
 
@@ -16,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from vllm_safeinfer.common.config import SafeInferConfig
+from vllm_safeinfer.common.contract import PUBLISH_VECTOR, STAGE_VECTOR, TAKE_BACK_VECTOR
 from vllm_safeinfer.common.model_identity import check_vector_model
 from vllm_safeinfer.common.vector_table import VectorTable
-from vllm_safeinfer.common.vectors import SafetyVector, content_sha256, read_vector_file
+from vllm_safeinfer.common.vector_files import read_new
+from vllm_safeinfer.common.vectors import SafetyVector
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +40,7 @@ class Publisher:
     version count of each name, and one publication at a time."""
 
     def __init__(self, config: SafeInferConfig, vllm_config, api_server_count: int) -> None:
+        # The bytes the start-up checks read, by the identities they wrote in the config.
         self.table = VectorTable(config, vllm_config.model_config)
         self.versions: dict[str, int] = {}
         self._model_config = vllm_config.model_config
@@ -65,8 +70,7 @@ class Publisher:
         where = str(Path(config.vector_dir) / f"{name}.safetensors")
         async with self._lock:
             try:
-                data = read_vector_file(where)
-                sha256 = content_sha256(data)
+                data, sha256 = read_new(where)
                 vector = SafetyVector.from_bytes(data, where)
                 check_vector_model(vector, self._model_config,
                                    allow_other_model=config.allow_other_model_vectors)
@@ -77,7 +81,7 @@ class Publisher:
             self.table.stage(name, where, vector, sha256)
             entry = self.table.bind(name, sha256)
             self.versions[name] = self.versions.get(name, 0) + 1
-        return config.with_vector(name, where), {
+        return config.with_vector(name, where, sha256), {
             "name": name, "version": self.versions[name], "sha256": sha256,
             **entry.describe()}
 
@@ -85,25 +89,17 @@ class Publisher:
                               sha256: str) -> None:
         step = "a worker refused it"
         try:
-            await engine.collective_rpc("safeinfer_stage_vector",
-                                        args=(name, where, data, sha256))
+            await engine.collective_rpc(STAGE_VECTOR, args=(name, where, data, sha256))
             step = "the engine core refused it"
-            await engine.engine_core.call_utility_async("safeinfer_publish_vector", name,
-                                                        where, sha256)
+            await engine.engine_core.call_utility_async(PUBLISH_VECTOR, name, where, sha256)
         except Exception as err:
             await self._take_back(engine, sha256)
             raise PublishError(500, f"vector {name!r} was not published: {step} ({err}); "
                                     "every process keeps its previous vectors") from None
-        try:
-            await engine.collective_rpc("safeinfer_finish_publish", args=(sha256, True))
-        except Exception:
-            # The engine core stamps the new identity already and the workers steer by
-            # it; binding only sets the name's fallback for unstamped requests.
-            logger.exception("SafeInfer: binding vector %r in the workers failed", name)
 
     @staticmethod
     async def _take_back(engine, sha256: str) -> None:
         try:
-            await engine.collective_rpc("safeinfer_finish_publish", args=(sha256, False))
+            await engine.collective_rpc(TAKE_BACK_VECTOR, args=(sha256,))
         except Exception:
             logger.exception("SafeInfer: taking back a failed publication failed")

@@ -1,0 +1,1 @@
+"""The safety vector's builder: demonstrations, head ranking and the refusal direction."""

@@ -1,0 +1,1 @@
+"""SafeInfer measured end to end: calibration, the demo and the evidence run."""
