@@ -37,6 +37,7 @@ imported (the block pool, the KV offloading manager).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from vllm_safeinfer.common.config import SafeInferConfig
 from vllm_safeinfer.common.contract import PUBLISH_VECTOR, STAMP_ARG, Stamp
@@ -79,14 +80,12 @@ class EngineCoreState:
 
     def __init__(self, config: SafeInferConfig | None) -> None:
         self.config = config
-        self.vectors: dict[str, str] = {}
         if config is not None:
             missing = sorted(set(config.vectors) - set(config.vector_sha256))
             if missing:
                 raise ValueError(f"SafeInfer: vectors {missing} reached the engine core "
                                  "without the identity the API server read them with; start "
                                  "the engine through vLLM's EngineArgs with the plugin loaded")
-            self.vectors = dict(config.vector_sha256)
         self.probe = None
         if config is not None and config.probe is not None:
             from vllm_safeinfer.common.probe import HarmProbe
@@ -99,7 +98,11 @@ class EngineCoreState:
         if self.config is None:
             raise ValueError("SafeInfer is not configured on this engine")
         self.config = self.config.with_vector(name, where, sha256)
-        self.vectors[name] = sha256
+
+    @property
+    def vectors(self) -> Mapping[str, str]:
+        """The identity (sha256) each vector name means now: the config's."""
+        return {} if self.config is None else self.config.vector_sha256
 
     def stamp(self, request) -> None:
         """Resolve the request's options once, against this engine core's config, and

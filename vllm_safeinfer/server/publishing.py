@@ -21,8 +21,7 @@ from vllm_safeinfer.common.config import SafeInferConfig
 from vllm_safeinfer.common.contract import PUBLISH_VECTOR, STAGE_VECTOR, TAKE_BACK_VECTOR
 from vllm_safeinfer.common.model_identity import check_vector_model
 from vllm_safeinfer.common.vector_table import VectorTable
-from vllm_safeinfer.common.vector_files import read_new
-from vllm_safeinfer.common.vectors import SafetyVector
+from vllm_safeinfer.common.vectors import SafetyVector, content_sha256, read_vector_file
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +69,8 @@ class Publisher:
         where = str(Path(config.vector_dir) / f"{name}.safetensors")
         async with self._lock:
             try:
-                data, sha256 = read_new(where)
+                data = read_vector_file(where)
+                sha256 = content_sha256(data)
                 vector = SafetyVector.from_bytes(data, where)
                 check_vector_model(vector, self._model_config,
                                    allow_other_model=config.allow_other_model_vectors)
